@@ -1,0 +1,3 @@
+from cltrace.cli import main
+
+raise SystemExit(main())
