@@ -1,0 +1,92 @@
+"""Saving and loading transcoders: `config.json` + `transcoder.safetensors` in one folder (no pickle).
+
+`load_transcoder` also reads circuit-tracer folders (a `config.yaml` beside per-layer files), see
+`cltrace.transcoders.circuit_tracer_format`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from cltrace.errors import CltraceError
+from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
+
+CONFIG = "config.json"
+WEIGHTS = "transcoder.safetensors"
+
+
+def save_transcoder(tc: Transcoder, folder: str | Path) -> Path:
+    """Write atomically: files go to temporary names first and are renamed into place."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        "W_enc": tc.W_enc, "b_enc": tc.b_enc, "log_threshold": tc.log_threshold, "b_dec": tc.b_dec,
+        **{f"W_dec_{s}": w for s, w in enumerate(tc.W_dec)},
+    }
+    if tc.W_skip is not None:
+        tensors["W_skip"] = tc.W_skip
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tmp_w, tmp_c = folder / (WEIGHTS + ".tmp"), folder / (CONFIG + ".tmp")
+    save_file(tensors, str(tmp_w), metadata={"format": "cltrace-transcoder"})
+    tmp_c.write_text(json.dumps(tc.cfg.to_dict(), indent=2))
+    os.replace(tmp_w, folder / WEIGHTS)
+    os.replace(tmp_c, folder / CONFIG)
+    return folder
+
+
+def load_transcoder(folder: str | Path, *, device="cpu", dtype=torch.float32) -> Transcoder:
+    """Load a cltrace transcoder folder, or a circuit-tracer one (detected by its config.yaml)."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise CltraceError(f"no transcoder folder at {folder}: give a folder written by `cltrace train`")
+    if not (folder / CONFIG).exists() and (folder / "config.yaml").exists():
+        from cltrace.transcoders.circuit_tracer_format import load_circuit_tracer
+
+        return load_circuit_tracer(folder, device=device, dtype=dtype)
+    if not (folder / CONFIG).exists() or not (folder / WEIGHTS).exists():
+        raise CltraceError(
+            f"{folder} holds no transcoder ({CONFIG} + {WEIGHTS}, or a circuit-tracer config.yaml)"
+        )
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        cfg = TranscoderConfig(**json.loads((folder / CONFIG).read_text()))
+        state = load_file(str(folder / WEIGHTS))
+    except (json.JSONDecodeError, TypeError, SafetensorError, OSError) as e:
+        raise CltraceError(f"{folder} is corrupt or not a cltrace transcoder ({e}); retrain or re-export it")
+    tc = Transcoder(cfg, device="meta", init=False)
+    expected = {k for k, _ in tc.named_parameters()}
+    state = {_param_name(k): v for k, v in state.items()}
+    if set(state) != expected:
+        raise CltraceError(f"{folder}: tensors {sorted(set(state) ^ expected)} missing or unexpected")
+    for name, p in tc.named_parameters():
+        if tuple(state[name].shape) != tuple(p.shape):
+            raise CltraceError(f"{folder}: {name} has shape {tuple(state[name].shape)}, config says {tuple(p.shape)}")
+    tc.load_state_dict(state, assign=True)
+    return tc.to(device=device, dtype=dtype)
+
+
+def _param_name(key: str) -> str:
+    return f"W_dec.{key[6:]}" if key.startswith("W_dec_") else key
+
+
+def check_fits(tc: Transcoder, model) -> None:
+    """Raise a clear error when a transcoder was made for another model."""
+    problems = []
+    if tc.n_layers != model.n_layers:
+        problems.append(f"{tc.n_layers} layers vs the model's {model.n_layers}")
+    if tc.d_model != model.d_model:
+        problems.append(f"d_model {tc.d_model} vs the model's {model.d_model}")
+    if problems:
+        name = tc.cfg.model_name or "another model"
+        raise CltraceError(
+            f"these transcoders do not fit model {model.name} ({'; '.join(problems)}); they were made for "
+            f"{name}: pass --model {name} or transcoders trained on {model.name}"
+        )
