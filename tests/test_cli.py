@@ -1,0 +1,77 @@
+"""The CLI: global options, predict, models, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cltrace import __version__
+from cltrace.cli import main
+from cltrace.models.tiny import save_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return str(save_tiny("llama", tmp_path_factory.mktemp("m") / "tiny-llama"))
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and __version__ in capsys.readouterr().out
+
+
+def test_predict_json(tiny_folder, capsys):
+    assert main(["--device", "cpu", "predict", "hello world", "--model", tiny_folder, "--top", "3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 3 and set(rows[0]) == {"token", "id", "prob"}
+    probs = [r["prob"] for r in rows]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+
+
+def test_predict_text(tiny_folder, capsys):
+    assert main(["-q", "predict", "hello", "--model", tiny_folder, "--top", "2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
+def test_models_json(capsys):
+    assert main(["models", "--json"]) == 0
+    names = [r["name"] for r in json.loads(capsys.readouterr().out)]
+    assert names[0] == "gemma-3-270m" and "smollm2-135m" in names
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["predict", "hi", "--model", "/no/such/folder"], "unknown model"),
+        (["--device", "cuda:7", "predict", "hi"], "no CUDA GPU"),
+        (["predict", "  ", "--model", "TINY"], "empty"),
+    ],
+)
+def test_user_errors_are_one_line(argv, message, tiny_folder, capsys):
+    import torch
+
+    if "cuda" in argv[1] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    argv = [tiny_folder if a == "TINY" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("cltrace: error:")
+
+
+def test_bad_option_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "hi", "--top", "many"])
+    assert e.value.code == 2
+
+
+def test_every_subcommand_has_help(capsys):
+    from cltrace.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in sub.choices:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
