@@ -64,6 +64,8 @@ def test_bad_option_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["predict", "hi", "--top", "many"])
     assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "invalid int value" in err and "--help" in err
 
 
 def test_every_subcommand_has_help(capsys):

@@ -28,8 +28,15 @@ SUBCOMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line that points at --help (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cltrace", description="Circuit tracing for language models.")
+    p = Parser(prog="cltrace", description="Circuit tracing for language models.")
     p.add_argument("--version", action="version", version=f"cltrace {__version__}")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -37,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="only results and errors")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, module in SUBCOMMANDS.items():
         try:
             mod = importlib.import_module(f"cltrace.cli.{module}")

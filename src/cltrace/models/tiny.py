@@ -82,7 +82,7 @@ def tiny_hf_model(family: str, seed: int = 0, dtype=torch.float32, **kw):
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:  # norm weights and biases: make them matter
                 p.add_(0.1 * torch.randn(p.shape, generator=g).to(dtype))
             else:  # larger weights than HF's 0.02 init so that attention patterns are not uniform

@@ -60,7 +60,7 @@ def load_transcoder(folder: str | Path, *, device="cpu", dtype=torch.float32) ->
         cfg = TranscoderConfig(**json.loads((folder / CONFIG).read_text()))
         state = load_file(str(folder / WEIGHTS))
     except (json.JSONDecodeError, TypeError, SafetensorError, OSError) as e:
-        raise CltraceError(f"{folder} is corrupt or not a cltrace transcoder ({e}); retrain or re-export it")
+        raise CltraceError(f"{folder} is corrupt or not a cltrace transcoder ({e}); retrain or re-export it") from e
     tc = Transcoder(cfg, device="meta", init=False)
     expected = {k for k, _ in tc.named_parameters()}
     state = {_param_name(k): v for k, v in state.items()}

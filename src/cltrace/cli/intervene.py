@@ -1,0 +1,104 @@
+"""`cltrace intervene "PROMPT" --transcoders T --set L:F[@P]=V`: change features, see what the model does."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub, name: str) -> None:
+    from cltrace.models.registry import DEFAULT_MODEL
+
+    p = sub.add_parser(
+        name, help="set, scale or zero transcoder features and show how the prediction changes",
+        description="Set, scale or zero transcoder features on a prompt and show the next-token and feature "
+                    "changes. LAYER:FEATURE[@POS]: POS is a prompt position (negative counts from the end); "
+                    "without it the change applies at every position, generated tokens included.")
+    p.add_argument("prompt")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    p.add_argument("--transcoders", "-t", required=True, help="transcoder folder (from `cltrace train`)")
+    p.add_argument("--set", action="append", default=[], metavar="L:F[@P]=V", help="set an activation to V")
+    p.add_argument("--scale", action="append", default=[], metavar="L:F[@P]=X", help="multiply an activation by X")
+    p.add_argument("--zero", action="append", default=[], metavar="L:F[@P]", help="turn a feature off")
+    p.add_argument("--mode", choices=["constrained", "free"], default="constrained",
+                   help="constrained: inside the prompt's local replacement model (errors, attention and norms "
+                        "frozen); free: in the real model, everything downstream recomputing (default constrained)")
+    p.add_argument("--constrained-layers", metavar="A:B",
+                   help="layers whose features keep their clean activations (A:B is A..B-1, or 'all'); "
+                        "'all' leaves only direct effects, as in the graph's edges")
+    p.add_argument("--watch", action="append", default=[], metavar="L:F[@P]",
+                   help="features whose activation change to report (default: the most active reachable ones)")
+    p.add_argument("--n-watch", type=int, default=10, help="how many features to report by default (10)")
+    p.add_argument("--top", "-k", type=int, default=5, help="how many next tokens to show (default 5)")
+    p.add_argument("--generate", type=int, metavar="N", help="also continue the prompt N tokens, with and without")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both continuations")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run)
+
+
+def interventions_from_args(args) -> list:
+    from cltrace.interventions.spec import Intervention, parse_feature, parse_intervention
+
+    ivs = [parse_intervention(s, "set") for s in args.set] + [parse_intervention(s, "scale") for s in args.scale]
+    for s in args.zero:
+        layer, feature, pos, value = parse_feature(s, what="--zero")
+        if value is not None:
+            raise CltraceError_(f"--zero {s!r} takes no value: write LAYER:FEATURE[@POS]")
+        ivs.append(Intervention(layer, feature, 0.0, pos, "set"))
+    return ivs
+
+
+def CltraceError_(msg: str):
+    from cltrace.errors import CltraceError
+
+    return CltraceError(msg)
+
+
+def run(args, ctx) -> int:
+    from cltrace.interventions.api import intervene, intervene_generate
+    from cltrace.models.registry import load_model
+    from cltrace.transcoders.io import load_transcoder
+
+    ivs = interventions_from_args(args)
+    model = load_model(args.model, device=ctx.device, dtype=ctx.dtype)
+    tc = load_transcoder(args.transcoders, device=ctx.device, dtype=ctx.dtype)
+    out = intervene(model, tc, args.prompt, ivs, mode=args.mode, constrained_layers=args.constrained_layers,
+                    watch=args.watch or None, n_watch=args.n_watch, top=args.top)
+    if args.generate:
+        out["generation"] = intervene_generate(
+            model, tc, args.prompt, ivs, n_tokens=args.generate, mode=args.mode,
+            constrained_layers=args.constrained_layers, temperature=args.temperature, seed=args.seed)
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    print(format_report(out))
+    return 0
+
+
+def format_report(out: dict) -> str:
+    """The human-readable report: interventions, next tokens before/after, watched features, generations."""
+    held = out["constrained_layers"]
+    lines = [f"prompt: {out['prompt']!r}   mode: {out['mode']}"
+             + (f" (layers {held[0]}..{held[-1]} held)" if held else "")]
+    for iv in out["interventions"]:
+        where = "all positions" if iv["pos"] is None else f"@{iv['pos']}"
+        was = ", ".join(f"{r['act_before']:.3g}" for r in iv["positions"][:8])
+        lines.append(f"  {iv['op']} {iv['layer']}:{iv['feature']} {where} {'=' if iv['op'] == 'set' else '×'} "
+                     f"{iv['value']:g}   (was {was}{' …' if len(iv['positions']) > 8 else ''})")
+    lines.append(f"\n  {'before':<34}{'after'}")
+    for b, a in zip(out["logits_before"], out["logits_after"]):
+        lines.append(f"  {b['prob']:7.4f} {b['token']!r:<25}{a['prob']:7.4f} {a['token']!r}")
+    t = out["top_token"]
+    lines.append(f"\n  top token {t['token']!r}: logit {t['logit_before']:.3f} -> {t['logit_after']:.3f}, "
+                 f"prob {t['prob_before']:.4f} -> {t['prob_after']:.4f}")
+    if out["features"]:
+        lines.append("\n  feature            token          act before -> after   (pre-activation)")
+        for f in out["features"]:
+            lines.append(f"  {f['layer']:>3}:{f['feature']:<7}@{f['pos']:<4} {f['token']!r:<14} "
+                         f"{f['act_before']:9.4f} -> {f['act_after']:<9.4f} ({f['pre_before']:.4f} -> "
+                         f"{f['pre_after']:.4f})")
+    g = out.get("generation")
+    if g:
+        lines.append(f"\n  original: {g['prompt']}{g['original']}")
+        lines.append(f"  steered:  {g['prompt']}{g['steered']}")
+    return "\n".join(lines)
