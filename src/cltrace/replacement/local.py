@@ -1,0 +1,150 @@
+"""The local replacement model of one prompt (Ameisen et al. 2025, §"The local replacement model").
+
+One pass of the real model records, at every layer and position: the transcoder's read point, the true
+MLP output, the token embeddings and the attention patterns / norm scales (`Frozen`). The local replacement
+model then swaps every MLP for  transcoder(x) + error,  with
+
+    error[l, p] = true_mlp_out[l, p] − reconstruction[l, p]          (a constant of the prompt)
+
+and keeps patterns and norm denominators frozen, so it reproduces the model's logits exactly while every
+non-linearity left is a transcoder feature. Following circuit-tracer, position 0 (BOS) carries no features
+and a zero error: its MLP output is just the true one, a constant (like a bias) that attribution ignores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cltrace.models.adapter import Frozen, ModelAdapter
+from cltrace.replacement.forward import frozen_forward
+from cltrace.transcoders.circuit_tracer_format import input_point
+from cltrace.transcoders.io import check_fits
+from cltrace.transcoders.transcoder import Transcoder
+
+
+@dataclass
+class ActiveFeatures:
+    """Active (layer, pos, feature) triples, sorted in that order (circuit-tracer's node order)."""
+
+    layer: Tensor  # [n] long
+    pos: Tensor  # [n] long
+    index: Tensor  # [n] long, feature index within its layer
+    act: Tensor  # [n] activation value
+    pre: Tensor  # [n] pre-activation without b_enc (what attribution explains)
+
+    def __len__(self) -> int:
+        return int(self.layer.numel())
+
+    def select(self, keep: Tensor) -> ActiveFeatures:
+        return ActiveFeatures(self.layer[keep], self.pos[keep], self.index[keep], self.act[keep], self.pre[keep])
+
+    def layer_slices(self, n_layers: int) -> list[slice]:
+        """slice of the features of each source layer (they are sorted by layer)."""
+        bounds = torch.searchsorted(self.layer, torch.arange(n_layers + 1, device=self.layer.device)).tolist()
+        return [slice(bounds[s], bounds[s + 1]) for s in range(n_layers)]
+
+
+@dataclass
+class LocalReplacement:
+    model: ModelAdapter
+    tc: Transcoder
+    ids: Tensor  # [T]
+    point: str  # transcoder read point: "mlp_in" or "resid_mid"
+    frozen: Frozen  # patterns [1,H,T,T] and norm scales [1,T,1] of the reference pass
+    embed: Tensor  # [T, D] token (+ position) embeddings: the token nodes' output vectors
+    inputs: Tensor  # [L, T, D] transcoder inputs of the reference pass
+    mlp_out: Tensor  # [L, T, D] true MLP outputs
+    skip: Tensor | None  # [L, T, D] skip term x @ W_skip at the reference inputs
+    error: Tensor  # [L, T, D] true − reconstruction, 0 at position 0
+    features: ActiveFeatures
+    logits: Tensor  # [T, V] the model's own logits
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.ids.numel())
+
+    @torch.no_grad()
+    def forward(self) -> Tensor:
+        """Run the replacement model itself (features re-encoded from its own stream) -> logits [T, V]."""
+        tc, acts = self.tc, []
+
+        def mlp(layer: int, resid_mid: Tensor, mlp_in: Tensor) -> Tensor:
+            x = (resid_mid if self.point == "resid_mid" else mlp_in)[0].to(tc.W_enc.dtype)  # [T, D]
+            a = tc.activate(tc.pre_acts(x, layer), layer, training=False)  # [T, F]
+            a[0] = 0
+            acts.append(a)
+            out = tc.b_dec[layer].expand_as(x).clone()
+            for s in _sources(tc, layer):
+                rows, feats = acts[s].nonzero(as_tuple=True)
+                out.index_add_(0, rows, acts[s][rows, feats, None] * tc.W_dec[s][feats, layer - s])
+            if tc.W_skip is not None:
+                out = out + x @ tc.W_skip[layer]
+            out = out.to(self.error.dtype) + self.error[layer]
+            out[0] = self.mlp_out[layer, 0]  # BOS: the true output, a constant
+            return out[None]
+
+        fp = frozen_forward(self.model, self.embed[None], self.frozen, mlp)
+        return self.model.unembed(fp.final_normed)[0]
+
+
+def _sources(tc: Transcoder, layer: int) -> range:
+    """Source layers whose features write to `layer`."""
+    return range(layer + 1) if tc.cfg.kind == "clt" else range(layer, layer + 1)
+
+
+@torch.no_grad()
+def encode_features(tc: Transcoder, inputs: Tensor) -> ActiveFeatures:
+    """inputs [L, T, D] -> active features at positions ≥ 1, sorted by (layer, pos, feature)."""
+    parts = []
+    for s in range(tc.n_layers):
+        x = inputs[s].to(tc.W_enc.dtype)
+        pre = tc.pre_acts(x, s)  # [T, F]
+        a = tc.activate(pre, s, training=False)
+        a[0] = 0  # BOS: circuit-tracer's convention, its features are dropped
+        pos, feat = a.nonzero(as_tuple=True)  # row-major: sorted by pos then feature
+        layer = torch.full_like(pos, s)
+        parts.append((layer, pos, feat, a[pos, feat], pre[pos, feat] - tc.b_enc[s, feat]))
+    return ActiveFeatures(*(torch.cat([p[i] for p in parts]) for i in range(5)))
+
+
+@torch.no_grad()
+def reconstruct(tc: Transcoder, feats: ActiveFeatures, inputs: Tensor) -> Tensor:
+    """Sparse decode of the active features (+ b_dec, + skip) -> [L, T, D]."""
+    L, T, D = inputs.shape
+    out = tc.b_dec[:, None, :].expand(L, T, D).clone()
+    for s, sl in enumerate(feats.layer_slices(L)):
+        pos, idx, a = feats.pos[sl], feats.index[sl], feats.act[sl]
+        vecs = tc.W_dec[s][idx] * a[:, None, None]  # [n, n_out, D]
+        for j in range(tc.n_out(s)):
+            out[s + j].index_add_(0, pos, vecs[:, j])
+    if tc.W_skip is not None:
+        out = out + skip_term(tc, inputs)
+    return out
+
+
+def skip_term(tc: Transcoder, inputs: Tensor) -> Tensor:
+    """[L, T, D] -> x_l @ W_skip[l] per layer."""
+    return torch.einsum("ltd,lde->lte", inputs.to(tc.W_skip.dtype), tc.W_skip)
+
+
+@torch.no_grad()
+def build_replacement(model: ModelAdapter, tc: Transcoder, ids: Tensor) -> LocalReplacement:
+    """One reference pass of `model` on ids [T] -> the local replacement model of that prompt."""
+    check_fits(tc, model)
+    trace = model.forward(ids)
+    point = input_point(tc)
+    reads = trace.resid_mid if point == "resid_mid" else trace.mlp_in
+    inputs = torch.stack([r[0] for r in reads])  # [L, T, D]
+    mlp_out = torch.stack([m[0] for m in trace.mlp_out])  # [L, T, D]
+    feats = encode_features(tc, inputs)
+    recon = reconstruct(tc, feats, inputs).to(mlp_out.dtype)
+    error = mlp_out - recon
+    error[:, 0] = 0
+    skip = skip_term(tc, inputs).to(mlp_out.dtype) if tc.W_skip is not None else None
+    return LocalReplacement(
+        model=model, tc=tc, ids=ids, point=point, frozen=trace.frozen.detach(), embed=trace.embed[0],
+        inputs=inputs, mlp_out=mlp_out, skip=skip, error=error, features=feats, logits=trace.logits[0],
+    )

@@ -1,0 +1,177 @@
+"""Read and write circuit-tracer's transcoder folders (`config.yaml` + per-layer safetensors).
+
+circuit-tracer (Hanna, Piotrowski et al.) stores weights transposed relative to ours and per layer:
+
+    transcoder_set (PLT), layer_{i}.safetensors:
+        W_enc (F, D)  b_enc (F,)  W_dec (F, D)  b_dec (D,)  [activation_function.threshold (F,)]  [W_skip (D, D)]
+    cross_layer_transcoder (CLT):
+        W_enc_{i}.safetensors: W_enc_{i} (F, D)  b_enc_{i} (F,)  b_dec_{i} (D,)  [threshold_{i} (F,)]
+        W_dec_{i}.safetensors: W_dec_{i} (F, L − i, D)   (decoder of layer-i features into layers i..L−1)
+
+Their activation is JumpReLU a = x·[x > θ] with θ stored raw (ours: θ = exp(log_threshold)), or ReLU when
+no threshold is stored. Their PLT skip is x @ W_skipᵀ (ours: x @ W_skip). The read point is named by
+`feature_input_hook`: `hook_resid_mid` is the residual stream before the MLP norm, `ln2.hook_normalized` /
+`mlp.hook_in` the normalized MLP input. We keep it in `cfg.extra["input_hook"]` ("resid_mid" | "mlp_in") so
+the replacement model reads where the transcoder was trained to read.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from cltrace.errors import CltraceError
+from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
+
+# circuit-tracer / TransformerLens hook name -> our read or write point
+INPUT_HOOKS = {"hook_resid_mid": "resid_mid", "ln2.hook_normalized": "mlp_in", "mlp.hook_in": "mlp_in"}
+OUTPUT_HOOKS = {"hook_mlp_out": "mlp_out", "mlp.hook_out": "mlp_out"}
+EXPORT_INPUT_HOOK = {"resid_mid": "hook_resid_mid", "mlp_in": "mlp.hook_in"}
+
+
+def input_point(tc: Transcoder) -> str:
+    """Where `tc` reads the model: "mlp_in" (normalized MLP input, cltrace's default) or "resid_mid"."""
+    return tc.cfg.extra.get("input_hook", "mlp_in")
+
+
+def load_circuit_tracer(folder: str | Path, *, device="cpu", dtype=torch.float32) -> Transcoder:
+    """A circuit-tracer `transcoder_set` or `cross_layer_transcoder` folder -> our `Transcoder`."""
+    import yaml
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise CltraceError(f"{folder}/config.yaml cannot be read ({e})") from e
+    kind = cfg.get("model_kind")
+    in_hook, out_hook = cfg.get("feature_input_hook", "hook_resid_mid"), cfg.get("feature_output_hook", "hook_mlp_out")
+    if in_hook not in INPUT_HOOKS or out_hook not in OUTPUT_HOOKS:
+        raise CltraceError(
+            f"{folder}: hooks {in_hook!r} -> {out_hook!r} are not supported; cltrace reads "
+            f"{sorted(INPUT_HOOKS)} and writes {sorted(OUTPUT_HOOKS)}"
+        )
+    try:
+        if kind == "transcoder_set":
+            layers = _load_numbered(folder, "layer_{}.safetensors", load_file)
+            params = _plt_params(layers)
+        elif kind == "cross_layer_transcoder":
+            enc = _load_numbered(folder, "W_enc_{}.safetensors", load_file)
+            dec = [load_file(str(folder / f"W_dec_{i}.safetensors")) for i in range(len(enc))]
+            params = _clt_params(enc, dec)
+        else:
+            raise CltraceError(f"{folder}: model_kind {kind!r} is neither transcoder_set nor cross_layer_transcoder")
+    except (SafetensorError, OSError, KeyError) as e:
+        raise CltraceError(f"{folder} is not a complete circuit-tracer transcoder ({e})") from e
+    L, D, F = params["W_enc"].shape
+    tcfg = TranscoderConfig(
+        kind="plt" if kind == "transcoder_set" else "clt", n_layers=L, d_model=D, n_features=F,
+        activation="jumprelu" if params.pop("has_threshold") else "relu", skip="W_skip" in params,
+        model_name=str(cfg.get("model_name", "")),
+        extra={"input_hook": INPUT_HOOKS[in_hook], "source": "circuit-tracer", "scan": str(cfg.get("scan", folder))},
+    )
+    tc = Transcoder(tcfg, device="meta", init=False)
+    state = {k: v for k, v in params.items() if not k.startswith("W_dec")}
+    state.update({f"W_dec.{s}": w for s, w in enumerate(params["W_dec"])})
+    tc.load_state_dict(state, assign=True)
+    return tc.to(device=device, dtype=dtype)
+
+
+def _load_numbered(folder: Path, pattern: str, load_file) -> list[dict[str, Tensor]]:
+    out = []
+    while (folder / pattern.format(len(out))).exists():
+        out.append(load_file(str(folder / pattern.format(len(out)))))
+    if not out:
+        raise CltraceError(f"{folder}: no {pattern.format(0)} found")
+    return out
+
+
+def _log_threshold(theta: Tensor | None, like: Tensor) -> Tensor:
+    """Raw θ -> log θ (θ = 0 gives −inf, whose exp is 0 again). Negative θ cannot be represented."""
+    if theta is None:
+        return torch.full_like(like, math.log(0.1))  # unused: the activation is ReLU
+    if (theta < 0).any():
+        raise CltraceError("circuit-tracer thresholds below 0 cannot be represented as exp(log_threshold)")
+    return theta.float().log()
+
+
+def _plt_params(layers: list[dict[str, Tensor]]) -> dict:
+    has_thr = "activation_function.threshold" in layers[0]
+    skip = any("W_skip" in sd for sd in layers)
+    D = layers[0]["b_dec"].shape[0]
+    p = {
+        "W_enc": torch.stack([sd["W_enc"].T for sd in layers]),  # [L, D, F]
+        "b_enc": torch.stack([sd["b_enc"] for sd in layers]),  # [L, F]
+        "log_threshold": torch.stack(
+            [_log_threshold(sd.get("activation_function.threshold") if has_thr else None, sd["b_enc"]) for sd in layers]
+        ),
+        "W_dec": [sd["W_dec"][:, None, :] for sd in layers],  # [F, 1, D] each
+        "b_dec": torch.stack([sd["b_dec"] for sd in layers]),  # [L, D]
+        "has_threshold": has_thr,
+    }
+    if skip:  # theirs is x @ W_skipᵀ, ours x @ W_skip; a layer without one gets zeros
+        p["W_skip"] = torch.stack([sd["W_skip"].T if "W_skip" in sd else torch.zeros(D, D) for sd in layers])
+    return {k: (v.contiguous().float() if isinstance(v, Tensor) else v) for k, v in p.items()}
+
+
+def _clt_params(enc: list[dict[str, Tensor]], dec: list[dict[str, Tensor]]) -> dict:
+    L = len(enc)
+    has_thr = "threshold_0" in enc[0]
+    return {
+        "W_enc": torch.stack([enc[i][f"W_enc_{i}"].T for i in range(L)]).contiguous().float(),
+        "b_enc": torch.stack([enc[i][f"b_enc_{i}"] for i in range(L)]).float(),
+        "log_threshold": torch.stack(
+            [_log_threshold(enc[i].get(f"threshold_{i}") if has_thr else None, enc[i][f"b_enc_{i}"]) for i in range(L)]
+        ),
+        "W_dec": [dec[i][f"W_dec_{i}"].float().contiguous() for i in range(L)],  # [F, L − i, D]
+        "b_dec": torch.stack([enc[i][f"b_dec_{i}"] for i in range(L)]).float(),
+        "has_threshold": has_thr,
+    }
+
+
+def export_circuit_tracer(tc: Transcoder, folder: str | Path, model_name: str = "") -> Path:
+    """Write `tc` as a circuit-tracer folder that `ReplacementModel.from_pretrained(model, <abs folder>)` loads."""
+    import yaml
+    from safetensors.torch import save_file
+
+    act = tc.cfg.activation
+    if act == "topk":
+        raise CltraceError("circuit-tracer 0.5.0 has no TopK transcoders: export a JumpReLU or ReLU transcoder")
+    if tc.cfg.kind == "clt" and tc.W_skip is not None:
+        raise CltraceError("circuit-tracer cannot load a skip term for cross-layer transcoders")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    jump = act in ("jumprelu", "batchtopk")  # batchtopk runs as JumpReLU with its learned threshold
+
+    def c(t: Tensor) -> Tensor:
+        return t.detach().float().contiguous().cpu()
+
+    theta = tc.threshold
+    for i in range(tc.n_layers):
+        if tc.cfg.kind == "plt":
+            sd = {"W_enc": c(tc.W_enc[i].T), "b_enc": c(tc.b_enc[i]), "W_dec": c(tc.W_dec[i][:, 0]),
+                  "b_dec": c(tc.b_dec[i])}
+            if jump:
+                sd["activation_function.threshold"] = c(theta[i])
+            if tc.W_skip is not None:
+                sd["W_skip"] = c(tc.W_skip[i].T)
+            save_file(sd, str(folder / f"layer_{i}.safetensors"))
+        else:
+            sd = {f"W_enc_{i}": c(tc.W_enc[i].T), f"b_enc_{i}": c(tc.b_enc[i]), f"b_dec_{i}": c(tc.b_dec[i])}
+            if jump:
+                sd[f"threshold_{i}"] = c(theta[i])
+            save_file(sd, str(folder / f"W_enc_{i}.safetensors"))
+            save_file({f"W_dec_{i}": c(tc.W_dec[i])}, str(folder / f"W_dec_{i}.safetensors"))
+    config = {
+        "model_kind": "transcoder_set" if tc.cfg.kind == "plt" else "cross_layer_transcoder",
+        "feature_input_hook": EXPORT_INPUT_HOOK[input_point(tc)],
+        "feature_output_hook": "hook_mlp_out",
+        "model_name": model_name or tc.cfg.model_name,
+        "scan": tc.cfg.extra.get("scan", f"cltrace-{tc.cfg.kind}-{tc.n_features}"),
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder
