@@ -1,0 +1,296 @@
+"""Attribution: the edges of the local replacement model's linear graph, by batched backward passes.
+
+With patterns and norm scales frozen, MLP outputs replaced by detached leaves (so no gradient flows through
+a real MLP; a skip term x @ W_skip stays in the graph) and gradients stopped at feature activations, the map
+from node outputs to node inputs is linear. Edge A[t, s] = (t's input vector) · J · (s's output vector):
+
+    feature s (layer l_s, pos p, act a):  writes a·W_dec[l_s][f, k] into MLP output l_s + k at p
+    error (l, p):                          writes error[l, p] into MLP output l at p
+    token p:                               writes embed[p] into the residual stream before block 0
+    feature t:                             reads W_enc[l_t][:, f] at its read point (layer l_t, pos p_t)
+    logit t:                               reads the demeaned unembedding at final_normed, last position
+
+We run the forward ONCE at batch 1 and get a batch of rows per backward with
+`torch.autograd.grad(..., is_grads_batched=True)` (vmap over the backward): each row's seed is its input
+vector placed at its read point; one backward gives d(target)/d(every MLP-output leaf and the embedding),
+and the row is those gradients dotted with every source's output vector. circuit-tracer instead runs the
+forward on `batch_size` copies of the prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cltrace.attribution.graph import Graph
+from cltrace.attribution.targets import Target, select_targets
+from cltrace.models.adapter import ModelAdapter
+from cltrace.replacement.forward import FrozenPass, frozen_forward
+from cltrace.replacement.local import LocalReplacement, build_replacement
+from cltrace.transcoders.transcoder import Transcoder
+
+
+@dataclass
+class _Leaves:
+    """The graph of one frozen forward: leaves (embedding, MLP outputs) and the read points."""
+
+    emb: Tensor  # [1, T, D] leaf
+    outs: list[Tensor]  # L leaves [1, T, D]: MLP output minus the skip term
+    reads: list[Tensor]  # L read points [1, T, D] (graph-connected)
+    final: Tensor  # [1, T, D] final_normed
+
+
+def _leaf_pass(rep: LocalReplacement, emb: Tensor, outs: list[Tensor]) -> FrozenPass:
+    """Frozen forward in which block l adds outs[l] (+ skip of its live input)."""
+    tc = rep.tc
+
+    def mlp(layer: int, resid_mid: Tensor, mlp_in: Tensor) -> Tensor:
+        if tc.W_skip is None:
+            return outs[layer]
+        x = resid_mid if rep.point == "resid_mid" else mlp_in
+        return outs[layer] + (x.to(tc.W_skip.dtype) @ tc.W_skip[layer]).to(outs[layer].dtype)
+
+    return frozen_forward(rep.model, emb, rep.frozen, mlp)
+
+
+def _reads(rep: LocalReplacement, fp: FrozenPass) -> list[Tensor]:
+    return fp.resid_mid if rep.point == "resid_mid" else fp.mlp_in
+
+
+def build_leaves(rep: LocalReplacement) -> _Leaves:
+    """The one forward with gradients (batch 1)."""
+    emb = rep.embed[None].detach().clone().requires_grad_(True)
+    base = rep.mlp_out if rep.skip is None else rep.mlp_out - rep.skip
+    outs = [base[layer][None].detach().clone().requires_grad_(True) for layer in range(rep.tc.n_layers)]
+    with torch.enable_grad():
+        fp = _leaf_pass(rep, emb, outs)
+    return _Leaves(emb, outs, _reads(rep, fp), fp.final_normed)
+
+
+@torch.no_grad()
+def constants(rep: LocalReplacement) -> tuple[list[Tensor], Tensor]:
+    """The frozen affine model with every node removed (embeddings 0, MLP outputs = b_dec, BOS as is).
+
+    Returns read points [L] of [T, D] and final_normed [T, D]: whatever a target still sees comes from biases.
+    """
+    L, T, D = rep.mlp_out.shape
+    outs = rep.tc.b_dec.to(rep.mlp_out.dtype)[:, None, :].expand(L, T, D).clone()
+    outs[:, 0] = rep.mlp_out[:, 0] - (rep.skip[:, 0] if rep.skip is not None else 0)
+    fp = _leaf_pass(rep, torch.zeros_like(rep.embed)[None], [o[None] for o in outs])
+    return [r[0] for r in _reads(rep, fp)], fp.final_normed[0]
+
+
+class RowComputer:
+    """Rows of the edge matrix for batches of targets. Columns: [active features | errors (l·T+p) | tokens]."""
+
+    def __init__(self, rep: LocalReplacement, leaves: _Leaves, chunk_elems: int = 2**24):
+        self.rep, self.lv, self.tc = rep, leaves, rep.tc
+        self.L, self.T, self.D = rep.mlp_out.shape
+        self.nf = len(rep.features)
+        self.n_cols = self.nf + (self.L + 1) * self.T
+        self.slices = rep.features.layer_slices(self.L)
+        self.chunk_elems = chunk_elems
+
+    def __call__(self, seeds: list[tuple[int, int, Tensor]]) -> Tensor:
+        """seeds: (read layer, L = final_normed; pos; input vector [D]) -> rows [B, n_cols] float32."""
+        L, T, D, B = self.L, self.T, self.D, len(seeds)
+        dtype, dev = self.lv.emb.dtype, self.lv.emb.device
+        outputs, grad_outputs = [], []
+        for layer in sorted({s[0] for s in seeds}):
+            g = torch.zeros(B, 1, T, D, dtype=dtype, device=dev)
+            for b, (lay, pos, vec) in enumerate(seeds):
+                if lay == layer:
+                    g[b, 0, pos] = vec.to(dtype)
+            outputs.append(self.lv.final if layer == L else self.lv.reads[layer])
+            grad_outputs.append(g)
+        top = max(s[0] for s in seeds)  # leaves at or above the deepest read point get no gradient
+        inputs = [self.lv.emb] + self.lv.outs[:top]
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True, is_grads_batched=True,
+                                    allow_unused=True)
+        g_emb = grads[0][:, 0].float()  # [B, T, D]
+        G = torch.zeros(B, L, T, D, device=dev)  # [B, L, T, D] d(target)/d(MLP output l at p)
+        for layer, g in enumerate(grads[1:]):
+            if g is not None:
+                G[:, layer] = g[:, 0].float()
+        rows = torch.empty(B, self.n_cols, device=dev)
+        self._feature_cols(G, rows, top)
+        err = self.rep.error.float()
+        rows[:, self.nf:self.nf + L * T] = torch.einsum("bltd,ltd->blt", G, err).reshape(B, L * T)
+        rows[:, self.nf + L * T:] = torch.einsum("btd,td->bt", g_emb, self.rep.embed.float())
+        return rows
+
+    def _feature_cols(self, G: Tensor, rows: Tensor, top: int) -> None:
+        """rows[:, k] = a_k Σ_j <G[:, l_k + j, p_k], W_dec[l_k][f_k, j]>: every decoder that reaches a target."""
+        feats, tc, B = self.rep.features, self.tc, G.shape[0]
+        rows[:, : self.nf] = 0
+        for s, sl in enumerate(self.slices):
+            n = sl.stop - sl.start
+            if n == 0 or s >= top:
+                continue
+            k = min(tc.n_out(s), top - s)  # output layers that can reach a read point in this batch
+            Gs = G[:, s:s + k]  # [B, k, T, D]
+            step = max(1, self.chunk_elems // (B * k * self.D))
+            for c in range(sl.start, sl.stop, step):
+                e = min(c + step, sl.stop)
+                g = Gs[:, :, feats.pos[c:e]]  # [B, k, c, D]
+                w = tc.W_dec[s][feats.index[c:e], :k].float()  # [c, k, D]
+                rows[:, c:e] = torch.einsum("bkcd,ckd->bc", g, w) * feats.act[c:e].float()
+
+
+def _influence_on_columns(rows: Tensor, row_col: Tensor, weights: Tensor, n_cols: int, max_iter: int = 128) -> Tensor:
+    """Estimated influence of every column on the logits from the rows computed so far.
+
+    rows [R, n_cols]; row_col [R] the column of each row's node (n_cols for logits, which have none);
+    weights [R] logit probabilities (0 for feature rows). Power series Σ_k wᵀ Âᵏ with Â = row-normalized |A|.
+    """
+    inv = 1.0 / rows.abs().sum(1).clamp_min(1e-10)  # [R]
+    cur, acc = weights.clone(), torch.zeros(n_cols + 1, device=rows.device)
+    for _ in range(max_iter):
+        y = torch.zeros(n_cols + 1, device=rows.device)
+        for i in range(0, rows.shape[0], 1024):  # chunked so |rows| is never materialized whole
+            y[:n_cols] += (cur[i:i + 1024] * inv[i:i + 1024]) @ rows[i:i + 1024].abs()
+        if not y.any():
+            break
+        acc += y
+        cur = y[row_col]
+    return acc[:n_cols]
+
+
+def _batch_size(batch_size: int, L: int, T: int, D: int, memory_mb: float) -> int:
+    """Rows per backward so that the [B, L, T, D] gradients (and vmap's temporaries, ~3×) fit memory_mb."""
+    per_row = 4 * (L + 1) * T * D * 3
+    return max(1, min(batch_size, int(memory_mb * 2**20 // per_row)))
+
+
+def attribute(
+    model: ModelAdapter, tc: Transcoder, prompt: str | Tensor, *, targets: list | None = None,
+    max_n_logits: int = 10, desired_logit_prob: float = 0.95, max_feature_nodes: int | None = None,
+    batch_size: int = 64, update_interval: int = 4, memory_mb: float = 1024, fold_dropped: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Graph:
+    """Build the attribution graph of `prompt` (text, or token ids [T] with BOS first).
+
+    max_feature_nodes: keep at most this many features, the most influential on the logits (estimated as
+    rows arrive, logit rows first, like circuit-tracer). The edges of features left out are added to the
+    error node of their (layer, pos) when fold_dropped, so every row still sums to its target's value.
+    batch_size: rows per backward (lowered so the batch's gradients fit in memory_mb).
+    """
+    t0, timings = time.perf_counter(), {}
+    ids = model.tokenize(prompt) if isinstance(prompt, str) else prompt.to(model.device)
+    text = prompt if isinstance(prompt, str) else model.tokenizer.decode(ids.tolist())
+
+    rep = build_replacement(model, tc, ids)
+    tgts = select_targets(model, rep.logits[-1], targets, max_n_logits=max_n_logits,
+                          desired_logit_prob=desired_logit_prob)
+    timings["forward"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    leaves = build_leaves(rep)
+    rc = RowComputer(rep, leaves)
+    L, T, D, nf = rc.L, rc.T, rc.D, rc.nf
+    B = _batch_size(batch_size, L, T, D, memory_mb)
+    feats = rep.features
+    dev = leaves.emb.device
+
+    def feature_seed(k: int) -> tuple[int, int, Tensor]:
+        s = int(feats.layer[k])
+        return s, int(feats.pos[k]), tc.W_enc[s][:, int(feats.index[k])]
+
+    # logit rows first
+    row_blocks: list[Tensor] = []
+    for i in range(0, len(tgts), B):
+        row_blocks.append(rc([(L, T - 1, t.vector) for t in tgts[i:i + B]]))
+    timings["logit_rows"] = time.perf_counter() - t1
+
+    # feature rows: all of them in order, or the most influential ones first
+    t2 = time.perf_counter()
+    budget = nf if max_feature_nodes is None else min(max_feature_nodes, nf)
+    visited: list[int] = []
+    if budget == nf:
+        for i in range(0, nf, B):
+            ks = list(range(i, min(i + B, nf)))
+            row_blocks.append(rc([feature_seed(k) for k in ks]))
+            visited += ks
+    else:
+        seen = torch.zeros(nf, dtype=torch.bool, device=dev)
+        weights = torch.tensor([t.prob for t in tgts], device=dev)
+        queue: list[int] = []
+        n_batches = 0
+        while len(visited) < budget:
+            if not queue or n_batches % update_interval == 0:
+                rows = torch.cat(row_blocks)
+                row_col = torch.tensor([rc.n_cols] * len(tgts) + visited, device=dev)
+                w = torch.cat([weights, torch.zeros(len(visited), device=dev)])
+                inf = _influence_on_columns(rows, row_col, w, rc.n_cols)[:nf]
+                inf[seen] = -1
+                queue = inf.argsort(descending=True)[: budget - len(visited)].tolist()
+            ks, queue = queue[:B], queue[B:]
+            row_blocks.append(rc([feature_seed(k) for k in ks]))
+            visited += ks
+            seen[ks] = True
+            n_batches += 1
+    timings["feature_rows"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    graph = _assemble(model, rep, tgts, torch.cat(row_blocks), visited, text, ids, fold_dropped, leaves)
+    with torch.no_grad():
+        ref = model.logits(ids)[0, -1].float()
+        graph.meta["max_logit_error"] = float((rep.forward()[-1].float() - ref).abs().max())
+    timings["assemble"] = time.perf_counter() - t3
+    timings["total"] = time.perf_counter() - t0
+    graph.meta.update(seconds=timings, batch_size=B, n_active_features=nf, dtype=str(leaves.emb.dtype),
+                      model=model.name, transcoder_kind=tc.cfg.kind, transcoder_input=rep.point,
+                      scan=tc.cfg.extra.get("scan", ""))
+    if log:
+        log(f"attribution: {nf} active features, {len(visited)} rows of features, {len(tgts)} logits, "
+            f"{timings['total']:.2f}s")
+    return graph
+
+
+@torch.no_grad()
+def _assemble(model: ModelAdapter, rep: LocalReplacement, tgts: list[Target], rows: Tensor, visited: list[int],
+              text: str, ids: Tensor, fold_dropped: bool, leaves: _Leaves) -> Graph:
+    """Rows in visiting order -> the Graph's node order, with unselected feature columns folded or dropped."""
+    feats, tc = rep.features, rep.tc
+    L, T = rep.mlp_out.shape[:2]
+    nf, n_l = len(feats), len(tgts)
+    dev = rows.device
+    sel = torch.tensor(sorted(visited), dtype=torch.long, device=dev)
+    n_sel = sel.numel()
+    N = n_sel + (L + 1) * T + n_l
+    # column map: old column -> new node index
+    col_map = torch.full((nf,), -1, dtype=torch.long, device=dev)
+    col_map[sel] = torch.arange(n_sel, device=dev)
+    edges = torch.zeros(rows.shape[0], N, device=dev)
+    edges[:, :n_sel] = rows[:, sel]
+    edges[:, n_sel:n_sel + (L + 1) * T] = rows[:, nf:]
+    dropped = (col_map < 0).nonzero(as_tuple=True)[0]
+    if fold_dropped and dropped.numel():
+        err_cols = n_sel + feats.layer[dropped] * T + feats.pos[dropped]
+        edges.index_add_(1, err_cols, rows[:, dropped])
+    # row order: selected features (ascending), then logits
+    order = {k: i for i, k in enumerate(visited)}
+    feat_rows = torch.tensor([n_l + order[k] for k in sel.tolist()], dtype=torch.long, device=dev)
+    perm = torch.cat([feat_rows, torch.arange(n_l, device=dev)])
+    edges = edges[perm]
+    row_nodes = torch.cat([torch.arange(n_sel, device=dev), torch.arange(N - n_l, N, device=dev)])
+    # constants and values
+    c_reads, c_final = constants(rep)
+    s_layer, s_pos, s_idx = feats.layer[sel], feats.pos[sel], feats.index[sel]
+    enc = tc.W_enc[s_layer, :, s_idx].float()  # [n_sel, D]
+    c_feat = (torch.stack(c_reads).float()[s_layer, s_pos] * enc).sum(-1)
+    vecs = torch.stack([t.vector for t in tgts]).to(dev)  # [n_l, D]
+    c_logit = vecs @ c_final[-1].float()
+    v_logit = vecs @ leaves.final[0, -1].detach().float()
+    return Graph(
+        prompt=text, input_ids=ids.cpu(), tokens=model.decode(ids), n_layers=L,
+        features=torch.stack([s_layer, s_pos, s_idx], 1).cpu(), activations=feats.act[sel].float().cpu(),
+        logit_tokens=torch.tensor([t.token for t in tgts]), logit_labels=[t.label for t in tgts],
+        logit_probs=torch.tensor([t.prob for t in tgts]), rows=row_nodes.cpu(), edges=edges.cpu(),
+        row_constant=torch.cat([c_feat, c_logit]).cpu(), row_value=torch.cat([feats.pre[sel].float(), v_logit]).cpu(),
+        meta={"n_rows_computed": int(rows.shape[0]), "fold_dropped": fold_dropped},
+    )
