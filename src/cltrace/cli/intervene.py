@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from cltrace.errors import CltraceError
+
 
 def add_parser(sub, name: str) -> None:
     from cltrace.models.registry import DEFAULT_MODEL
@@ -43,15 +45,9 @@ def interventions_from_args(args) -> list:
     for s in args.zero:
         layer, feature, pos, value = parse_feature(s, what="--zero")
         if value is not None:
-            raise CltraceError_(f"--zero {s!r} takes no value: write LAYER:FEATURE[@POS]")
+            raise CltraceError(f"--zero {s!r} takes no value: write LAYER:FEATURE[@POS]")
         ivs.append(Intervention(layer, feature, 0.0, pos, "set"))
     return ivs
-
-
-def CltraceError_(msg: str):
-    from cltrace.errors import CltraceError
-
-    return CltraceError(msg)
 
 
 def run(args, ctx) -> int:

@@ -1,0 +1,184 @@
+"""Plain Python in, plain JSON-able dicts out: what the CLI and the local viewer call.
+
+    intervene(model, tc, "Fact: Michael Jordan plays the sport of", ["5:123@-1=0"], mode="free")
+    -> {"logits_before": [{"token", "id", "prob", "logit"}, ...], "logits_after": [...],
+        "top_token": {...}, "interventions": [...], "features": [...], ...}
+
+Interventions may be given as `Intervention`s, "L:F[@P]=V" strings (set) or dicts with the same keys.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cltrace.errors import CltraceError
+from cltrace.interventions.engine import MODES, Clean, Run, clean_run, run_constrained, run_free, run_mode
+from cltrace.interventions.generate import generate
+from cltrace.interventions.spec import (
+    FeatureRef,
+    Intervention,
+    parse_feature,
+    parse_intervention,
+    parse_layers,
+    validate,
+    validate_refs,
+)
+from cltrace.models.adapter import ModelAdapter
+from cltrace.transcoders.io import check_fits
+from cltrace.transcoders.transcoder import Transcoder
+
+
+def as_interventions(items) -> list[Intervention]:
+    """Accept Intervention objects, 'L:F[@P]=V' strings (set) or {"layer", "feature", "value", ...} dicts."""
+    out = []
+    for it in items or []:
+        if isinstance(it, Intervention):
+            out.append(it)
+        elif isinstance(it, str):
+            out.append(parse_intervention(it, "set"))
+        elif isinstance(it, dict):
+            try:
+                out.append(Intervention(int(it["layer"]), int(it["feature"]), float(it["value"]),
+                                        None if it.get("pos") is None else int(it["pos"]), it.get("op", "set")))
+            except (KeyError, TypeError, ValueError) as e:
+                raise CltraceError(f"cannot read intervention {it!r}: need layer, feature, value ({e})") from None
+        else:
+            raise CltraceError(f"cannot read intervention {it!r}: give 'L:F[@P]=V', a dict or an Intervention")
+    if not out:
+        raise CltraceError("nothing to do: give at least one --set or --scale")
+    return out
+
+
+def as_refs(items) -> list[FeatureRef]:
+    out = []
+    for it in items or []:
+        if isinstance(it, FeatureRef):
+            out.append(it)
+        elif isinstance(it, str):
+            layer, feature, pos, _ = parse_feature(it, what="--watch")
+            out.append(FeatureRef(layer, feature, pos))
+        else:
+            out.append(FeatureRef(int(it["layer"]), int(it["feature"]), it.get("pos")))
+    return out
+
+
+def _prepare(model: ModelAdapter, tc: Transcoder, prompt: str, interventions, mode: str, constrained_layers):
+    if mode not in MODES:
+        raise CltraceError(f"unknown mode {mode!r}: use constrained or free")
+    check_fits(tc, model)
+    ids = model.tokenize(prompt)
+    ivs = validate(as_interventions(interventions), tc, ids.numel())
+    if isinstance(constrained_layers, str) or constrained_layers is None:
+        held = parse_layers(constrained_layers, model.n_layers)
+    else:
+        held = sorted({int(x) for x in constrained_layers})
+        if any(not 0 <= x < model.n_layers for x in held):
+            raise CltraceError(f"constrained layers {held} are outside 0..{model.n_layers - 1}")
+    if held and mode == "free":
+        raise CltraceError("--constrained-layers only applies to --mode constrained")
+    return ids, ivs, frozenset(held)
+
+
+def top_tokens(model: ModelAdapter, logits: Tensor, k: int) -> list[dict]:
+    """logits [V] -> the k most likely tokens: [{"token", "id", "prob", "logit"}]."""
+    probs = torch.softmax(logits.float(), -1)
+    p, i = probs.topk(min(k, probs.numel()))
+    return [{"token": model.tokenizer.decode([int(t)]), "id": int(t), "prob": float(v),
+             "logit": float(logits[t])} for v, t in zip(p, i)]
+
+
+def default_watch(clean: Clean, ivs: list[Intervention], n: int) -> list[FeatureRef]:
+    """The n most active clean features that an intervention can reach: later layers, same or later positions."""
+    first_layer = min(iv.layer for iv in ivs)
+    first_pos = min(0 if iv.pos is None else iv.pos for iv in ivs)
+    touched = {(iv.layer, iv.feature) for iv in ivs}
+    cands = []
+    for layer in range(first_layer + 1, len(clean.acts)):
+        a = clean.acts[layer][first_pos:]  # [T', F]
+        vals, idx = a.flatten().topk(min(n + len(touched), a.numel()))
+        F = a.shape[1]
+        for v, i in zip(vals.tolist(), idx.tolist()):
+            if v > 0 and (layer, i % F) not in touched:
+                cands.append((v, FeatureRef(layer, i % F, first_pos + i // F)))
+    cands.sort(key=lambda c: -c[0])
+    return [r for _, r in cands[:n]]
+
+
+def _feature_rows(model, ids: Tensor, clean: Clean, run: Run, layer: int, feature: int, pos: int | None) -> list:
+    positions = range(ids.numel()) if pos is None else [pos]
+    toks = model.decode(ids)
+    return [{"pos": p, "token": toks[p],
+             "act_before": float(clean.acts[layer][p, feature]) + 0.0,  # + 0.0: no "-0.0" from JumpReLU
+             "act_after": float(run.acts[layer][p, feature]) + 0.0,
+             "pre_before": float(clean.pre[layer][p, feature]), "pre_after": float(run.pre[layer][p, feature])}
+            for p in positions]
+
+
+@torch.no_grad()
+def intervene(
+    model: ModelAdapter, transcoder: Transcoder, prompt: str, interventions, *, mode: str = "constrained",
+    constrained_layers=None, watch=None, n_watch: int = 10, top: int = 10,
+) -> dict:
+    """Run `prompt` with features set or scaled; report next-token and feature-activation changes.
+
+    mode "constrained": inside the prompt's local replacement model (errors, attention patterns and norm
+    denominators frozen); `constrained_layers` (list or "A:B") keep their clean activations.
+    mode "free": in the real model, everything downstream recomputing.
+    watch: features to report ("L:F[@P]" or FeatureRef); default the n_watch most active reachable ones.
+    """
+    tc = transcoder
+    ids, ivs, held = _prepare(model, tc, prompt, interventions, mode, constrained_layers)
+    clean = clean_run(model, tc, ids)
+    run = run_free(model, tc, ids, ivs) if mode == "free" else run_constrained(model, tc, clean, ivs, held=held)
+    before, after = clean.trace.logits[0, -1], run.logits[-1]
+    refs = validate_refs(as_refs(watch), tc, ids.numel()) if watch else default_watch(clean, ivs, n_watch)
+    lb, la = top_tokens(model, before, top), top_tokens(model, after, top)
+    pb, pa = torch.softmax(before.float(), -1), torch.softmax(after.float(), -1)
+    tops = dict.fromkeys([r["id"] for r in lb] + [r["id"] for r in la])
+    return {
+        "prompt": prompt,
+        "tokens": model.decode(ids),
+        "mode": mode,
+        "constrained_layers": sorted(held),
+        "interventions": [
+            {**iv.to_dict(), "positions": _feature_rows(model, ids, clean, run, iv.layer, iv.feature, iv.pos)}
+            for iv in ivs
+        ],
+        "logits_before": lb,
+        "logits_after": la,
+        "top_token": {"token": lb[0]["token"], "id": lb[0]["id"], "logit_before": float(before[lb[0]["id"]]),
+                      "logit_after": float(after[lb[0]["id"]]), "prob_before": float(pb[lb[0]["id"]]),
+                      "prob_after": float(pa[lb[0]["id"]])},
+        "token_changes": [
+            {"token": model.tokenizer.decode([t]), "id": t, "logit_before": float(before[t]),
+             "logit_after": float(after[t]), "prob_before": float(pb[t]), "prob_after": float(pa[t])}
+            for t in tops
+        ],
+        "features": [
+            {"layer": r.layer, "feature": r.feature, **row}
+            for r in refs for row in _feature_rows(model, ids, clean, run, r.layer, r.feature, r.pos)
+        ],
+    }
+
+
+def intervene_generate(
+    model: ModelAdapter, transcoder: Transcoder, prompt: str, interventions, *, n_tokens: int = 20,
+    mode: str = "free", constrained_layers=None, temperature: float = 0.0, seed: int = 0,
+) -> dict:
+    """Continue `prompt` twice, without and with the interventions held at every step; same seed for both."""
+    if n_tokens < 1:
+        raise CltraceError("--generate needs at least 1 token")
+    if temperature < 0 or temperature != temperature:
+        raise CltraceError(f"--temperature must be 0 (greedy) or positive, not {temperature}")
+    tc = transcoder
+    ids, ivs, held = _prepare(model, tc, prompt, interventions, mode, constrained_layers)
+    kw = dict(temperature=temperature, seed=seed, stop=model.tokenizer.eos_token_id, max_len=model.n_ctx)
+    original = generate(lambda x: model.forward(x).logits[0, -1], ids, n_tokens, **kw)
+    steered = generate(lambda x: run_mode(model, tc, x, ivs, mode, held=held).logits[-1], ids, n_tokens, **kw)
+    return {
+        "prompt": prompt, "mode": mode, "constrained_layers": sorted(held), "temperature": temperature,
+        "seed": seed, "interventions": [iv.to_dict() for iv in ivs],
+        "original": model.tokenizer.decode(original), "steered": model.tokenizer.decode(steered),
+        "original_ids": original, "steered_ids": steered,
+    }

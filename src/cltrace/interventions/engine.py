@@ -1,0 +1,208 @@
+"""Running a model with some transcoder features changed, in the two senses of Ameisen et al. (2025).
+
+*Constrained*: inside the local replacement model of one prompt. Each MLP is replaced by its transcoder
+plus an error term (true MLP output − reconstruction, from the clean pass, held fixed), and attention
+patterns and norm denominators are frozen at the clean pass's values. Written as a change from the
+clean pass, a layer's output is
+
+    out_t = mlp_out_t(clean) + Σ_{s ≤ t} (a_s − a_s(clean)) @ W_dec[s][:, t − s]   (+ skip-term change)
+
+which is reconstruction + error exactly, and which is bit-for-bit the clean output when nothing
+changes. Layers in `held` keep their clean activations (except the intervened features): holding all
+layers leaves only direct decoder effects, which is what attribution-graph edges measure.
+
+*Free*: in the real model. At a feature's layer s, delta = new − current activation (current re-encoded
+from the live MLP input), and delta · W_dec[s][:, t − s] is added to the true MLP output of every layer t
+the feature writes to. Everything downstream, attention included, recomputes.
+
+All tensors here are for one sequence: T positions, D d_model, F features, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cltrace.interventions.spec import Intervention
+from cltrace.models.adapter import ModelAdapter, Trace
+from cltrace.transcoders.transcoder import Transcoder
+
+
+@dataclass
+class Clean:
+    """The clean pass every intervention is measured against."""
+
+    ids: Tensor  # [T]
+    trace: Trace  # mlp_in / mlp_out [1, T, D], logits [1, T, V], frozen attention patterns and norm scales
+    pre: list[Tensor]  # per layer [T, F] transcoder pre-activations
+    acts: list[Tensor]  # per layer [T, F] activations
+
+
+@dataclass
+class Run:
+    """What an intervened pass produced."""
+
+    logits: Tensor  # [T, V]
+    pre: list[Tensor]  # per layer [T, F] pre-activations read from the live MLP inputs
+    acts: list[Tensor]  # per layer [T, F] activations in effect (after interventions; held layers: clean)
+
+
+def encode(tc: Transcoder, mlp_in: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+    """mlp_in [1, T, D] -> (pre [T, F], acts [T, F]) with inference-time activations."""
+    W = tc.W_enc[layer].detach()
+    pre = mlp_in[0].to(W.dtype) @ W + tc.b_enc[layer].detach()  # [T, F]
+    return pre, tc.activate(pre, layer, training=False)
+
+
+def clean_run(model: ModelAdapter, tc: Transcoder, ids: Tensor) -> Clean:
+    """One plain forward pass, with every layer's transcoder activations."""
+    trace = model.forward(ids)
+    pre, acts = zip(*(encode(tc, trace.mlp_in[layer], layer) for layer in range(model.n_layers)))
+    return Clean(ids, trace, list(pre), list(acts))
+
+
+def apply(ivs: list[Intervention], a: Tensor) -> Tensor:
+    """a [T, F] activations of one layer -> a copy with the interventions applied in order."""
+    a = a.clone()
+    for iv in ivs:
+        at = slice(None) if iv.pos is None else iv.pos
+        a[at, iv.feature] = iv.value if iv.op == "set" else a[at, iv.feature] * iv.value
+    return a
+
+
+class DecoderWrites:
+    """Pending decoder writes: a change of activations at layer s reaches the outputs of s..s+n_out−1."""
+
+    def __init__(self, tc: Transcoder):
+        self.tc = tc
+        self.pending: dict[int, Tensor] = {}  # target layer -> [T, D]
+
+    def add(self, layer: int, delta: Tensor, always: Tensor | list[int]) -> None:
+        """delta [T, F]; decodes the features that changed, and those in `always` (index list or [F] mask),
+        whose change may be zero now but carries a gradient."""
+        changed = (delta != 0).any(0)  # [F]
+        changed[always] = True
+        cols = changed.nonzero().squeeze(1)  # [n]
+        if len(cols) == 0:
+            return
+        W = self.tc.W_dec[layer].detach()[cols]  # [n, n_out, D]
+        contrib = torch.einsum("tn,nod->otd", delta[:, cols], W)  # [n_out, T, D]
+        for i, t in enumerate(self.tc.target_layers(layer)):
+            self.pending[t] = self.pending[t] + contrib[i] if t in self.pending else contrib[i]
+
+    def take(self, layer: int) -> Tensor | None:
+        return self.pending.pop(layer, None)
+
+
+def _by_layer(interventions: list[Intervention]) -> dict[int, list[Intervention]]:
+    out: dict[int, list[Intervention]] = defaultdict(list)
+    for iv in interventions:
+        out[iv.layer].append(iv)
+    return out
+
+
+def run_constrained(
+    model: ModelAdapter, tc: Transcoder, clean: Clean, interventions: list[Intervention], *,
+    held: set[int] | frozenset[int] = frozenset(), linear: bool = False,
+) -> Run:
+    """The local replacement model of `clean`'s prompt, with `interventions` applied.
+
+    held: layers whose features keep their clean activations (constrained patching).
+    linear: responding features follow their pre-activation linearly where active (a = a_clean + Δpre),
+    and stay off where inactive: the first-order model that attribution graphs describe.
+    """
+    by_layer = _by_layer(interventions)
+    writes = DecoderWrites(tc)
+    pres: list[Tensor] = []
+    acts: list[Tensor] = []
+    W_skip = tc.W_skip.detach() if tc.W_skip is not None else None
+
+    def hook(layer: int, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
+        pre, a_live = encode(tc, mlp_in, layer)  # [T, F]
+        a0 = clean.acts[layer]
+        if layer in held:
+            a = a0
+        elif linear:
+            a = a0 + (a0 != 0) * (pre - clean.pre[layer])
+        else:
+            a = a_live
+        ivs = by_layer.get(layer, [])
+        a = apply(ivs, a) if ivs else a
+        always = torch.zeros(a.shape[1], dtype=torch.bool, device=a.device)  # [F]
+        always[[iv.feature for iv in ivs]] = True
+        if linear and layer not in held and torch.is_grad_enabled():
+            always |= (a0 != 0).any(0)  # active features pass gradients on even where their change is 0
+        writes.add(layer, a - a0, always)
+        out = clean.trace.mlp_out[layer]  # [1, T, D]: the error term is held inside it
+        if W_skip is not None:
+            dx = (mlp_in - clean.trace.mlp_in[layer])[0].to(W_skip.dtype)
+            out = out + (dx @ W_skip[layer]).to(out.dtype)
+        w = writes.take(layer)
+        if w is not None:
+            out = out + w[None].to(out.dtype)
+        pres.append(pre)
+        acts.append(a)
+        return out
+
+    trace = model.forward(clean.ids, mlp_hook=hook, frozen=clean.trace.frozen)
+    return Run(trace.logits[0], pres, acts)
+
+
+def run_free(model: ModelAdapter, tc: Transcoder, ids: Tensor, interventions: list[Intervention]) -> Run:
+    """The real model with each intervention's decoder change added to the MLP outputs it writes to."""
+    by_layer = _by_layer(interventions)
+    writes = DecoderWrites(tc)
+    pres: list[Tensor] = []
+    acts: list[Tensor] = []
+
+    def hook(layer: int, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
+        pre, a = encode(tc, mlp_in, layer)  # current activations, from the live MLP input
+        ivs = by_layer.get(layer, [])
+        if ivs:
+            new = apply(ivs, a)
+            writes.add(layer, new - a, [iv.feature for iv in ivs])
+            a = new
+        w = writes.take(layer)
+        pres.append(pre)
+        acts.append(a)
+        return mlp_out if w is None else mlp_out + w[None].to(mlp_out.dtype)
+
+    trace = model.forward(ids, mlp_hook=hook)
+    return Run(trace.logits[0], pres, acts)
+
+
+MODES = ("constrained", "free")
+
+
+def run_mode(
+    model: ModelAdapter, tc: Transcoder, ids: Tensor, interventions: list[Intervention], mode: str, *,
+    held: set[int] | frozenset[int] = frozenset(), clean: Clean | None = None,
+) -> Run:
+    """Dispatch on mode; a constrained run builds the replacement model of `ids` unless `clean` is given."""
+    if mode == "free":
+        return run_free(model, tc, ids, interventions)
+    clean = clean if clean is not None else clean_run(model, tc, ids)
+    return run_constrained(model, tc, clean, interventions, held=held)
+
+
+def first_order(
+    model: ModelAdapter, tc: Transcoder, clean: Clean, layer: int, feature: int, pos: int, *,
+    token: int, watch: list[tuple[int, int, int]] = (), held: set[int] | frozenset[int] = frozenset(),
+) -> tuple[float, list[float]]:
+    """d logit[token] / d a and d pre[watch] / d a for one feature activation a, in the linear frozen model.
+
+    With every layer held this is the direct effect (an attribution edge divided by a); otherwise the
+    features of responding layers pass changes on linearly where active. watch: (layer, feature, pos).
+    Multiply by Δa to predict the effect of a small intervention.
+    """
+    value = clean.acts[layer][pos, feature].detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        run = run_constrained(model, tc, clean, [Intervention(layer, feature, value, pos)], held=held, linear=True)
+        outs = [run.logits[-1, token]] + [run.pre[wl][wp, wf] for wl, wf, wp in watch]
+        grads = [torch.autograd.grad(o, value, retain_graph=True, allow_unused=True)[0] if o.requires_grad
+                 else None for o in outs]
+    vals = [0.0 if g is None else float(g) for g in grads]
+    return vals[0], vals[1:]

@@ -1,0 +1,232 @@
+"""Interventions: no-ops change nothing, the frozen model is linear, free mode is an MLP-output patch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_interventions_helpers import calibrated_transcoder
+
+from cltrace.errors import CltraceError
+from cltrace.interventions import (
+    Intervention,
+    clean_run,
+    first_order,
+    intervene,
+    intervene_generate,
+    run_constrained,
+    run_free,
+)
+from cltrace.models.tiny import tiny_model
+
+PROMPT = "the cat sat on the mat"
+
+
+def active_feature(clean, layer: int, pos: int | None = None) -> tuple[int, int, float]:
+    """(feature, pos, activation) of the most active feature of `layer` (at `pos` if given)."""
+    a = clean.acts[layer] if pos is None else clean.acts[layer][pos : pos + 1]
+    i = int(a.flatten().argmax())
+    p, f = divmod(i, a.shape[1])
+    p = p if pos is None else pos
+    assert clean.acts[layer][p, f] > 0, "calibration left no active feature"
+    return f, p, float(clean.acts[layer][p, f])
+
+
+@pytest.fixture(scope="module")
+def llama():
+    m = tiny_model("llama")
+    return m, calibrated_transcoder(m)
+
+
+# ---------------------------------------------------------------------- (b) no-ops change nothing
+@pytest.mark.parametrize("kind,skip", [("clt", False), ("plt", False), ("clt", True)])
+def test_noop_reproduces_logits_exactly(family, kind, skip):
+    model = tiny_model(family)
+    tc = calibrated_transcoder(model, kind=kind, skip=skip)
+    with torch.no_grad():
+        clean = clean_run(model, tc, model.tokenize(PROMPT))
+        f, p, a = active_feature(clean, 1)
+        noop = [Intervention(1, f, a, p), Intervention(2, 5, 1.0, None, "scale"), Intervention(0, 3, 1.0, 2, "scale")]
+        ref = clean.trace.logits[0]
+        assert torch.equal(run_constrained(model, tc, clean, noop).logits, ref)
+        assert torch.equal(run_constrained(model, tc, clean, noop, held={0, 1, 2}).logits, ref)
+        assert torch.equal(run_free(model, tc, clean.ids, noop).logits, ref)
+    torch.testing.assert_close(ref, model.logits(clean.ids)[0], rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- (a) the graph's prediction holds
+def test_all_layers_held_is_linear_and_matches_direct_patch(family):
+    """Every layer held: Δpre of a later feature = (d pre / d a) · Δa exactly, for any Δa, and equals the
+    frozen plain model with the feature's decoder vectors added to the clean MLP outputs."""
+    model = tiny_model(family)
+    tc = calibrated_transcoder(model)
+    L = model.n_layers
+    with torch.no_grad():
+        clean = clean_run(model, tc, model.tokenize(PROMPT))
+        f, p, a = active_feature(clean, 0)
+        watch = [(2, 7, p), (3, 1, clean.ids.numel() - 1), (1, 0, p), (0, 1, p)]
+        tok = int(clean.trace.logits[0, -1].argmax())
+        delta = 1.7
+        run = run_constrained(model, tc, clean, [Intervention(0, f, a + delta, p)], held=set(range(L)))
+        # the same thing written directly: clean MLP outputs plus delta · decoder, frozen attention and norms
+        W = tc.W_dec[0][f].detach()  # [n_out, D]
+        outs = clean.trace.mlp_out
+
+        def patch(layer, mlp_in, mlp_out):
+            o = outs[layer].clone()
+            o[0, p] += delta * W[layer]
+            return o
+
+        direct = model.forward(clean.ids, frozen=clean.trace.frozen, mlp_hook=patch)
+    d_logit, d_pre = first_order(model, tc, clean, 0, f, p, token=tok, watch=watch, held=set(range(L)))
+    for (wl, wf, wp), g in zip(watch, d_pre):
+        expect_pre = (direct.mlp_in[wl][0, wp] @ tc.W_enc[wl, :, wf] + tc.b_enc[wl, wf]).detach()
+        measured = float(run.pre[wl][wp, wf] - clean.pre[wl][wp, wf])
+        assert math.isclose(float(run.pre[wl][wp, wf]), float(expect_pre), rel_tol=1e-4, abs_tol=1e-5)
+        assert math.isclose(measured, g * delta, rel_tol=1e-3, abs_tol=1e-5)
+    torch.testing.assert_close(run.logits, direct.logits[0], rtol=1e-4, atol=1e-4)
+    measured = float(run.logits[-1, tok] - clean.trace.logits[0, -1, tok])
+    if not getattr(model.config, "final_logit_softcapping", None):  # logits linear too, up to rounding
+        assert math.isclose(measured, d_logit * delta, rel_tol=1e-3, abs_tol=1e-4)
+    assert d_pre[3] == 0.0 and run.pre[0][p, 1] == clean.pre[0][p, 1]  # a layer does not read its own output
+
+
+def test_first_order_matches_small_constrained_change(llama):
+    """All layers responding (JumpReLU live): a change Δa that flips no feature on or off moves the logit and
+    later pre-activations by exactly the linearized model's prediction."""
+    model, tc = llama
+    with torch.no_grad():
+        clean = clean_run(model, tc, model.tokenize(PROMPT))
+    f, p, a = active_feature(clean, 0)
+    tok = int(clean.trace.logits[0, -1].argmax())
+    watch = [(3, f2, clean.ids.numel() - 1) for f2 in range(4)]
+    d_logit, d_pre = first_order(model, tc, clean, 0, f, p, token=tok, watch=watch)
+    # frozen attention and norms: the replacement model is exactly linear while no feature crosses its threshold
+    for eps in (0.2 * a, 0.02 * a, 0.002 * a):
+        with torch.no_grad():
+            run = run_constrained(model, tc, clean, [Intervention(0, f, a + eps, p)])
+        if all(torch.equal(r != 0, c != 0) for r, c in zip(run.acts[1:], clean.acts[1:])):
+            break
+    measured = float(run.logits[-1, tok] - clean.trace.logits[0, -1, tok])
+    assert abs(d_logit) > 1e-3
+    assert math.isclose(measured, d_logit * eps, rel_tol=2e-2, abs_tol=1e-6)
+    for (wl, wf, wp), g in zip(watch, d_pre):
+        m = float(run.pre[wl][wp, wf] - clean.pre[wl][wp, wf])
+        assert math.isclose(m, g * eps, rel_tol=2e-2, abs_tol=1e-6)
+
+
+# ---------------------------------------------------------------------- (c) free mode is an MLP-output patch
+@pytest.mark.parametrize("pos", [None, 4])
+def test_free_equals_decoder_patch_of_mlp_outputs(family, pos):
+    model = tiny_model(family)
+    tc = calibrated_transcoder(model)
+    s = 1
+    with torch.no_grad():
+        clean = clean_run(model, tc, model.tokenize(PROMPT))
+        f = int(clean.acts[s].sum(0).argmax())
+        a = clean.acts[s][:, f]  # [T] current activation (upstream of layer s nothing changed)
+        ivs = [Intervention(s, f, 3.0, pos), Intervention(s, 2, 0.5, None, "scale")]
+        run = run_free(model, tc, clean.ids, ivs)
+        d_f = (3.0 - a) if pos is None else torch.zeros_like(a).index_fill(0, torch.tensor([pos]), 3.0 - a[pos])
+        d_2 = -0.5 * clean.acts[s][:, 2]
+        W = tc.W_dec[s].detach()  # [F, n_out, D]
+
+        def patch(layer, mlp_in, mlp_out):
+            if layer < s:
+                return mlp_out
+            k = layer - s
+            return mlp_out + (d_f[:, None] * W[f, k] + d_2[:, None] * W[2, k])[None]
+
+        ref = model.forward(clean.ids, mlp_hook=patch)
+    torch.testing.assert_close(run.logits, ref.logits[0], rtol=1e-5, atol=1e-5)
+    for layer in range(s + 1, model.n_layers):  # later features are re-encoded from the live inputs
+        torch.testing.assert_close(run.pre[layer], ref.mlp_in[layer][0] @ tc.W_enc[layer] + tc.b_enc[layer])
+
+
+# ---------------------------------------------------------------------- (d) generation
+@pytest.mark.parametrize("mode", ["free", "constrained"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generation_noop_equals_plain(llama, mode, temperature):
+    model, tc = llama
+    noop = [Intervention(1, 3, 1.0, None, "scale"), Intervention(2, 0, 1.0, 3, "scale")]
+    out = intervene_generate(model, tc, PROMPT, noop, n_tokens=6, mode=mode, temperature=temperature, seed=3)
+    assert out["steered_ids"] == out["original_ids"] and len(out["original_ids"]) >= 3
+    if temperature == 0.0:  # the original continuation is the HF model's own greedy generation
+        ids = model.tokenize(PROMPT)
+        hf = model.hf.generate(ids[None], max_new_tokens=6, do_sample=False, pad_token_id=258)
+        assert hf[0, ids.numel():].tolist() == out["original_ids"]
+
+
+def test_generation_steering_and_every_position_semantics(llama):
+    model, tc = llama
+    big = [Intervention(2, 1, 40.0)]  # every position, generated tokens included
+    out = intervene_generate(model, tc, PROMPT, big, n_tokens=5, mode="free")
+    assert out["steered_ids"] != out["original_ids"]
+    ids = model.tokenize(PROMPT)
+    steered = torch.cat([ids, torch.tensor(out["steered_ids"])])
+    with torch.no_grad():  # the last steered token is what the intervened model predicts after the others
+        logits = run_free(model, tc, steered[:-1], big).logits[-1]
+    assert int(logits.argmax()) == out["steered_ids"][-1]
+
+
+# ---------------------------------------------------------------------- API output
+def test_intervene_api_is_jsonable_and_reports_changes(llama):
+    import json
+
+    model, tc = llama
+    with torch.no_grad():
+        clean = clean_run(model, tc, model.tokenize(PROMPT))
+    f, p, a = active_feature(clean, 1)
+    for mode in ("constrained", "free"):
+        out = intervene(model, tc, PROMPT, [f"1:{f}@{p}=0"], mode=mode, n_watch=4, top=3)
+        json.dumps(out)
+        assert len(out["logits_before"]) == 3 and {"token", "id", "prob", "logit"} <= set(out["logits_before"][0])
+        assert out["interventions"][0]["positions"][0]["act_before"] == pytest.approx(a)
+        assert out["interventions"][0]["positions"][0]["act_after"] == 0.0
+        assert len(out["features"]) == 4 and all(r["layer"] > 1 and r["pos"] >= p for r in out["features"])
+        assert out["logits_before"][0]["prob"] == pytest.approx(
+            float(torch.softmax(clean.trace.logits[0, -1], -1).max()))
+    held = intervene(model, tc, PROMPT, [f"1:{f}@{p}=0"], constrained_layers="all", watch=["3:0@-1"])
+    assert held["constrained_layers"] == [0, 1, 2, 3] and held["features"][0]["pos"] == clean.ids.numel() - 1
+    # held layers keep their clean activations, only the pre-activation moves
+    assert held["features"][0]["act_after"] == held["features"][0]["act_before"]
+
+
+# ---------------------------------------------------------------------- (e) bad input
+@pytest.mark.parametrize("spec,match", [
+    (["9:0=1"], "layer 9 does not exist"),
+    (["1:32=1"], "feature 32 does not exist"),
+    (["1:-1=1"], "feature -1 does not exist"),
+    (["1:0@99=1"], "position 99 is past the prompt"),
+    (["1:0@-99=1"], "position -99 is past the prompt"),
+    (["1:0=nan"], "not a finite number"),
+    (["1:0=inf"], "not a finite number"),
+    (["1:0=abc"], "not a number"),
+    (["1:0"], "has no value"),
+    (["layer1"], "cannot read"),
+    ([{"layer": 1}], "cannot read intervention"),
+    ([], "nothing to do"),
+])
+def test_bad_interventions(llama, spec, match):
+    model, tc = llama
+    with pytest.raises(CltraceError, match=match):
+        intervene(model, tc, PROMPT, spec)
+
+
+def test_bad_options(llama):
+    model, tc = llama
+    with pytest.raises(CltraceError, match="unknown mode"):
+        intervene(model, tc, PROMPT, ["1:0=1"], mode="sideways")
+    with pytest.raises(CltraceError, match="outside"):
+        intervene(model, tc, PROMPT, ["1:0=1"], constrained_layers="2:9")
+    with pytest.raises(CltraceError, match="cannot read layers"):
+        intervene(model, tc, PROMPT, ["1:0=1"], constrained_layers="x:y")
+    with pytest.raises(CltraceError, match="only applies"):
+        intervene(model, tc, PROMPT, ["1:0=1"], mode="free", constrained_layers="all")
+    with pytest.raises(CltraceError, match="watch 3:99"):
+        intervene(model, tc, PROMPT, ["1:0=1"], watch=["3:99"])
+    with pytest.raises(CltraceError, match="do not fit"):
+        intervene(tiny_model("llama", n_layers=2), tc, PROMPT, ["1:0=1"])
+    with pytest.raises(CltraceError, match="temperature"):
+        intervene_generate(model, tc, PROMPT, ["1:0=1"], temperature=-1)
