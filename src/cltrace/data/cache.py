@@ -1,0 +1,288 @@
+"""An on-disk activation cache: run the model once, train several transcoders from the same rows.
+
+Layout of a cache folder:
+
+    manifest.json         model, L, D, n_tokens, dtype, corpus, context_len, shards (rows, SHA-256)
+    x-00000.npy ...       [rows, L, D] MLP inputs
+    y-00000.npy ...       [rows, L, D] MLP outputs
+
+Storage is bfloat16, kept as its uint16 bit pattern (numpy has no bfloat16): half the bytes of float32,
+and unlike float16 it cannot overflow (same exponent range as float32, so models with very large
+activations are safe); its 8-bit mantissa rounds each value by at most 0.4%, which adds ~1e-5 to a
+normalized MSE, far below any transcoder's error. float16 (dtype="float16": 8x finer rounding, range
++-65504) is available and checked for overflow when written.
+
+Rows are written in the shuffled order the streaming source serves (blocks of buffer_tokens), and read
+back in blocks of whole shards taken in a random order per epoch, each block permuted again: shuffling
+across shards with memory bounded by one block. `.npy` files are memory-mapped, never pickled.
+The manifest is written last, so a folder without one is an interrupted write.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cltrace.data.activations import StreamingActivations
+from cltrace.data.shuffle import Block, BlockSource
+from cltrace.data.tokens import CorpusLike
+from cltrace.errors import CltraceError
+
+FORMAT = "cltrace-activation-cache"
+VERSION = 1
+DTYPES = {"bfloat16": np.uint16, "float16": np.float16}
+FP16_MAX = 65504.0
+
+
+def _to_storage(t: Tensor, dtype: str) -> np.ndarray:
+    """float32 [n, L, D] -> numpy array in the storage dtype."""
+    if dtype == "bfloat16":
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    if t.abs().max() > FP16_MAX:
+        raise CltraceError(
+            f"activations reach {t.abs().max():.3g}, beyond float16's range (65504): write the cache "
+            "with dtype='bfloat16'"
+        )
+    return t.to(torch.float16).numpy()
+
+
+def _from_storage(a: np.ndarray, dtype: str) -> Tensor:
+    """numpy rows in the storage dtype -> float32 tensor (copies: memory maps are read-only)."""
+    a = np.array(a)
+    if dtype == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(a).float()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------- writing
+def write_activation_cache(
+    model, corpus: CorpusLike, folder: str | os.PathLike, n_tokens: int, *, context_len: int = 128,
+    model_batch: int = 8, keep_special: bool = False, outlier_factor: float | None = None,
+    split: str = "train", heldout_frac: float = 0.02, dtype: str = "bfloat16", shard_mb: float = 256.0,
+    shard_tokens: int | None = None, buffer_tokens: int | None = None, seed: int = 0,
+    overwrite: bool = False, progress: bool = True,
+) -> dict:
+    """Run `model` over `corpus` and store n_tokens (x, y) rows in `folder`; returns the manifest.
+
+    Shards hold shard_tokens rows (default: ~shard_mb MB per x or y file). Shows a tqdm bar with
+    tokens/s and ETA when progress is set.
+    """
+    if dtype not in DTYPES:
+        raise CltraceError(f"unknown cache dtype {dtype!r}: use 'bfloat16' or 'float16'")
+    if n_tokens < 1:
+        raise CltraceError(f"n_tokens must be positive, not {n_tokens}")
+    folder = Path(folder)
+    if (folder / "manifest.json").exists() and not overwrite:
+        raise CltraceError(f"{folder} already holds an activation cache: choose another folder or overwrite it")
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in [*folder.glob("[xy]-*.npy"), *folder.glob("[xy]-*.tmp"), folder / "manifest.json"]:
+        old.unlink(missing_ok=True)
+    L, D = model.n_layers, model.d_model
+    row_bytes = L * D * 2
+    shard_tokens = shard_tokens or max(1, int(shard_mb * 2**20 // row_bytes))
+    source = StreamingActivations(
+        model, corpus, context_len=context_len, buffer_tokens=buffer_tokens, model_batch=model_batch,
+        keep_special=keep_special, outlier_factor=outlier_factor, split=split, heldout_frac=heldout_frac,
+        loop=True,
+    )
+    chunk = min(4096, shard_tokens)
+    batches = source.batches(chunk, seed=seed, track=False)
+    bar = _progress(n_tokens, progress)
+    shards = []
+    written = 0
+    t0 = time.time()
+    pending: tuple[Tensor, Tensor] | None = None  # rows read but not yet written
+    while written < n_tokens:
+        i = len(shards)
+        rows = min(shard_tokens, n_tokens - written)
+        paths = {k: folder / f"{k}-{i:05d}.npy" for k in ("x", "y")}
+        maps = {k: np.lib.format.open_memmap(p.with_suffix(".tmp"), mode="w+", dtype=DTYPES[dtype],
+                                             shape=(rows, L, D)) for k, p in paths.items()}
+        n = 0
+        while n < rows:
+            if pending is None:
+                pending = next(batches)
+            x, y = pending
+            take = min(rows - n, len(x))
+            maps["x"][n:n + take] = _to_storage(x[:take], dtype)
+            maps["y"][n:n + take] = _to_storage(y[:take], dtype)
+            pending = (x[take:], y[take:]) if take < len(x) else None
+            n += take
+            bar.update(take)
+        entry: dict[str, Any] = {"rows": rows}
+        for k, m in maps.items():
+            m.flush()
+            del m
+            os.replace(paths[k].with_suffix(".tmp"), paths[k])
+            entry[k] = paths[k].name
+            entry[f"{k}_sha256"] = _sha256(paths[k])
+        maps.clear()
+        shards.append(entry)
+        written += rows
+    bar.close()
+    manifest = {
+        "format": FORMAT, "version": VERSION, "model": model.name, "n_layers": L, "d_model": D,
+        "n_tokens": n_tokens, "dtype": dtype, "storage": "uint16 bit patterns of bfloat16" if dtype == "bfloat16"
+        else "float16", "corpus": source.config()["corpus"], "split": split, "heldout_frac": heldout_frac,
+        "context_len": context_len, "keep_special": keep_special, "outlier_factor": outlier_factor,
+        "seed": seed, "model_tokens": source.model_tokens, "seconds": round(time.time() - t0, 1),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "shards": shards,
+    }
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, folder / "manifest.json")
+    return manifest
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="tok", unit_scale=True, desc="caching activations", disable=not enabled,
+                smoothing=0.1)
+
+
+# ---------------------------------------------------------------------- reading
+def read_manifest(folder: str | os.PathLike) -> dict:
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if not path.exists():
+        hint = " (its write was interrupted: write it again)" if any(folder.glob("[xy]-*.npy")) else ""
+        raise CltraceError(f"no activation cache at {folder}: manifest.json is missing{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CltraceError(f"{path} is damaged ({e}): write the cache again") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CltraceError(f"{path} is not a cltrace activation-cache manifest")
+    if manifest.get("version") != VERSION:
+        raise CltraceError(f"{path} has cache format version {manifest.get('version')}, this cltrace reads "
+                           f"{VERSION}: write the cache again")
+    if manifest.get("dtype") not in DTYPES:
+        raise CltraceError(f"{path} names an unknown dtype {manifest.get('dtype')!r}")
+    return manifest
+
+
+class CachedActivations(BlockSource):
+    """(x, y) rows read from a cache folder, in random batches, with bounded memory, resumable.
+
+    model (a ModelAdapter or its name), when given, must be the model the cache was written for.
+    buffer_tokens bounds memory (default: as the streaming source); each block is one or more whole
+    shards. verify=True also checks every shard's SHA-256 (reads the whole cache once).
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, model=None, buffer_tokens: int | None = None,
+                 verify: bool = False, buffer_mb: float = 2048.0):
+        from cltrace.data.activations import default_buffer_tokens
+
+        self.folder = Path(folder)
+        self.manifest = m = read_manifest(self.folder)
+        self.n_layers, self.d_model = int(m["n_layers"]), int(m["d_model"])
+        self.n_tokens, self.dtype = int(m["n_tokens"]), m["dtype"]
+        if model is not None:
+            name = model if isinstance(model, str) else model.name
+            dims = None if isinstance(model, str) else (model.n_layers, model.d_model)
+            if name != m["model"] or (dims is not None and dims != (self.n_layers, self.d_model)):
+                raise CltraceError(
+                    f"the activation cache at {self.folder} was written for model {m['model']!r} "
+                    f"({self.n_layers} layers, d_model {self.d_model}), not {name!r}"
+                    + (f" ({dims[0]} layers, d_model {dims[1]})" if dims else "") + ": write a cache for this model"
+                )
+        self.shards = m["shards"]
+        if sum(s["rows"] for s in self.shards) != self.n_tokens:
+            raise CltraceError(f"{self.folder}/manifest.json: shard rows do not add up to n_tokens")
+        self._maps = [self._open_shard(s, verify) for s in self.shards]
+        largest = max(s["rows"] for s in self.shards)
+        self.buffer_tokens = max(largest, buffer_tokens or default_buffer_tokens(
+            self.n_layers, self.d_model, buffer_mb))
+        self.buffer: tuple[Tensor, Tensor] | None = None
+
+    def _open_shard(self, shard: dict, verify: bool) -> tuple[np.ndarray, np.ndarray]:
+        maps = []
+        for k in ("x", "y"):
+            path = self.folder / shard[k]
+            if not path.exists():
+                raise CltraceError(f"activation cache shard {path} is missing: write the cache again")
+            if verify and _sha256(path) != shard[f"{k}_sha256"]:
+                raise CltraceError(f"activation cache shard {path} is corrupt (SHA-256 mismatch): "
+                                   "write the cache again")
+            try:
+                a = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                raise CltraceError(f"activation cache shard {path} is corrupt ({e}): write the cache again") from e
+            want = (shard["rows"], self.n_layers, self.d_model)
+            if a.shape != want or a.dtype != DTYPES[self.dtype]:
+                raise CltraceError(f"activation cache shard {path} holds {a.dtype} {a.shape}, the manifest "
+                                   f"says {np.dtype(DTYPES[self.dtype])} {want}: write the cache again")
+            maps.append(a)
+        return maps[0], maps[1]
+
+    def config(self) -> dict:
+        m = self.manifest
+        return {"kind": "cached", "model": m["model"], "n_tokens": self.n_tokens, "created": m.get("created"),
+                "buffer_tokens": self.buffer_tokens}
+
+    # ------------------------------------------------------------------ blocks
+    def _epoch_groups(self, seed: int, epoch: int) -> list[list[int]]:
+        """Shards of one epoch in a random order, grouped into blocks of at most buffer_tokens rows."""
+        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(
+            (seed * 7_919 + epoch) % 2**63)).tolist()
+        groups, current, rows = [], [], 0
+        for i in order:
+            r = self.shards[i]["rows"]
+            if current and rows + r > self.buffer_tokens:
+                groups.append(current)
+                current, rows = [], 0
+            current.append(i)
+            rows += r
+        groups.append(current)
+        return groups
+
+    def _blocks(self, seed: int, key: Any, index: int) -> Iterator[Block]:
+        epoch, j = key if key is not None else (0, 0)
+        shape = (self.buffer_tokens, self.n_layers, self.d_model)
+        bx, by = self.buffer = (torch.empty(shape), torch.empty(shape))
+        while True:
+            groups = self._epoch_groups(seed, epoch)
+            while j < len(groups):
+                n = 0
+                for i in groups[j]:
+                    n = self._load_shard(i, bx, by, n)
+                nxt = [epoch, j + 1] if j + 1 < len(groups) else [epoch + 1, 0]
+                yield Block(index, [epoch, j], nxt, bx[:n], by[:n])
+                index += 1
+                j += 1
+            epoch, j = epoch + 1, 0
+
+    def _load_shard(self, i: int, bx: Tensor, by: Tensor, n: int, chunk: int = 8192) -> int:
+        mx, my = self._maps[i]
+        try:
+            for a in range(0, len(mx), chunk):
+                b = min(a + chunk, len(mx))
+                bx[n + a:n + b] = _from_storage(mx[a:b], self.dtype)
+                by[n + a:n + b] = _from_storage(my[a:b], self.dtype)
+        except OSError as e:
+            raise CltraceError(f"cannot read activation cache shard {self.shards[i]['x']} ({e})") from e
+        return n + len(mx)
+
+    @property
+    def epochs_seen(self) -> float:
+        return self.tokens_seen / self.n_tokens
