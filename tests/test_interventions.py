@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from test_interventions_helpers import calibrated_transcoder
 
 from cltrace.errors import CltraceError
 from cltrace.interventions import (
@@ -19,8 +18,14 @@ from cltrace.interventions import (
     run_free,
 )
 from cltrace.models.tiny import tiny_model
+from cltrace.replacement import random_transcoder
 
 PROMPT = "the cat sat on the mat"
+
+
+def calibrated_transcoder(model, kind: str = "clt", skip: bool = False, seed: int = 0):
+    """Random transcoder with ~40 active (pos, feature) pairs per layer on PROMPT."""
+    return random_transcoder(model, kind, n_features=32, active_per_layer=40, seed=seed, prompt=PROMPT, skip=skip)
 
 
 def active_feature(clean, layer: int, pos: int | None = None) -> tuple[int, int, float]:
@@ -48,7 +53,7 @@ def test_noop_reproduces_logits_exactly(family, kind, skip):
         clean = clean_run(model, tc, model.tokenize(PROMPT))
         f, p, a = active_feature(clean, 1)
         noop = [Intervention(1, f, a, p), Intervention(2, 5, 1.0, None, "scale"), Intervention(0, 3, 1.0, 2, "scale")]
-        ref = clean.trace.logits[0]
+        ref = clean.logits
         assert torch.equal(run_constrained(model, tc, clean, noop).logits, ref)
         assert torch.equal(run_constrained(model, tc, clean, noop, held={0, 1, 2}).logits, ref)
         assert torch.equal(run_free(model, tc, clean.ids, noop).logits, ref)
@@ -66,19 +71,19 @@ def test_all_layers_held_is_linear_and_matches_direct_patch(family):
         clean = clean_run(model, tc, model.tokenize(PROMPT))
         f, p, a = active_feature(clean, 0)
         watch = [(2, 7, p), (3, 1, clean.ids.numel() - 1), (1, 0, p), (0, 1, p)]
-        tok = int(clean.trace.logits[0, -1].argmax())
+        tok = int(clean.logits[-1].argmax())
         delta = 1.7
         run = run_constrained(model, tc, clean, [Intervention(0, f, a + delta, p)], held=set(range(L)))
         # the same thing written directly: clean MLP outputs plus delta · decoder, frozen attention and norms
         W = tc.W_dec[0][f].detach()  # [n_out, D]
-        outs = clean.trace.mlp_out
+        outs = clean.rep.mlp_out
 
         def patch(layer, mlp_in, mlp_out):
-            o = outs[layer].clone()
+            o = outs[layer][None].clone()
             o[0, p] += delta * W[layer]
             return o
 
-        direct = model.forward(clean.ids, frozen=clean.trace.frozen, mlp_hook=patch)
+        direct = model.forward(clean.ids, frozen=clean.rep.frozen, mlp_hook=patch)
     d_logit, d_pre = first_order(model, tc, clean, 0, f, p, token=tok, watch=watch, held=set(range(L)))
     for (wl, wf, wp), g in zip(watch, d_pre):
         expect_pre = (direct.mlp_in[wl][0, wp] @ tc.W_enc[wl, :, wf] + tc.b_enc[wl, wf]).detach()
@@ -86,7 +91,7 @@ def test_all_layers_held_is_linear_and_matches_direct_patch(family):
         assert math.isclose(float(run.pre[wl][wp, wf]), float(expect_pre), rel_tol=1e-4, abs_tol=1e-5)
         assert math.isclose(measured, g * delta, rel_tol=1e-3, abs_tol=1e-5)
     torch.testing.assert_close(run.logits, direct.logits[0], rtol=1e-4, atol=1e-4)
-    measured = float(run.logits[-1, tok] - clean.trace.logits[0, -1, tok])
+    measured = float(run.logits[-1, tok] - clean.logits[-1, tok])
     if not getattr(model.config, "final_logit_softcapping", None):  # logits linear too, up to rounding
         assert math.isclose(measured, d_logit * delta, rel_tol=1e-3, abs_tol=1e-4)
     assert d_pre[3] == 0.0 and run.pre[0][p, 1] == clean.pre[0][p, 1]  # a layer does not read its own output
@@ -99,7 +104,7 @@ def test_first_order_matches_small_constrained_change(llama):
     with torch.no_grad():
         clean = clean_run(model, tc, model.tokenize(PROMPT))
     f, p, a = active_feature(clean, 0)
-    tok = int(clean.trace.logits[0, -1].argmax())
+    tok = int(clean.logits[-1].argmax())
     watch = [(3, f2, clean.ids.numel() - 1) for f2 in range(4)]
     d_logit, d_pre = first_order(model, tc, clean, 0, f, p, token=tok, watch=watch)
     # frozen attention and norms: the replacement model is exactly linear while no feature crosses its threshold
@@ -108,7 +113,7 @@ def test_first_order_matches_small_constrained_change(llama):
             run = run_constrained(model, tc, clean, [Intervention(0, f, a + eps, p)])
         if all(torch.equal(r != 0, c != 0) for r, c in zip(run.acts[1:], clean.acts[1:])):
             break
-    measured = float(run.logits[-1, tok] - clean.trace.logits[0, -1, tok])
+    measured = float(run.logits[-1, tok] - clean.logits[-1, tok])
     assert abs(d_logit) > 1e-3
     assert math.isclose(measured, d_logit * eps, rel_tol=2e-2, abs_tol=1e-6)
     for (wl, wf, wp), g in zip(watch, d_pre):
@@ -126,17 +131,19 @@ def test_free_equals_decoder_patch_of_mlp_outputs(family, pos):
         clean = clean_run(model, tc, model.tokenize(PROMPT))
         f = int(clean.acts[s].sum(0).argmax())
         a = clean.acts[s][:, f]  # [T] current activation (upstream of layer s nothing changed)
-        ivs = [Intervention(s, f, 3.0, pos), Intervention(s, 2, 0.5, None, "scale")]
+        g = (f + 1) % tc.n_features  # a second feature, scaled at every position
+        ivs = [Intervention(s, f, 3.0, pos), Intervention(s, g, 0.5, None, "scale")]
         run = run_free(model, tc, clean.ids, ivs)
         d_f = (3.0 - a) if pos is None else torch.zeros_like(a).index_fill(0, torch.tensor([pos]), 3.0 - a[pos])
-        d_2 = -0.5 * clean.acts[s][:, 2]
+        d_f[0] = 0  # BOS carries no features: "every position" means positions 1..T-1
+        d_g = -0.5 * clean.acts[s][:, g]
         W = tc.W_dec[s].detach()  # [F, n_out, D]
 
         def patch(layer, mlp_in, mlp_out):
             if layer < s:
                 return mlp_out
             k = layer - s
-            return mlp_out + (d_f[:, None] * W[f, k] + d_2[:, None] * W[2, k])[None]
+            return mlp_out + (d_f[:, None] * W[f, k] + d_g[:, None] * W[g, k])[None]
 
         ref = model.forward(clean.ids, mlp_hook=patch)
     torch.testing.assert_close(run.logits, ref.logits[0], rtol=1e-5, atol=1e-5)
@@ -186,7 +193,7 @@ def test_intervene_api_is_jsonable_and_reports_changes(llama):
         assert out["interventions"][0]["positions"][0]["act_after"] == 0.0
         assert len(out["features"]) == 4 and all(r["layer"] > 1 and r["pos"] >= p for r in out["features"])
         assert out["logits_before"][0]["prob"] == pytest.approx(
-            float(torch.softmax(clean.trace.logits[0, -1], -1).max()))
+            float(torch.softmax(clean.logits[-1], -1).max()))
     held = intervene(model, tc, PROMPT, [f"1:{f}@{p}=0"], constrained_layers="all", watch=["3:0@-1"])
     assert held["constrained_layers"] == [0, 1, 2, 3] and held["features"][0]["pos"] == clean.ids.numel() - 1
     # held layers keep their clean activations, only the pre-activation moves

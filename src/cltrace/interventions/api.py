@@ -91,7 +91,7 @@ def top_tokens(model: ModelAdapter, logits: Tensor, k: int) -> list[dict]:
 def default_watch(clean: Clean, ivs: list[Intervention], n: int) -> list[FeatureRef]:
     """The n most active clean features that an intervention can reach: later layers, same or later positions."""
     first_layer = min(iv.layer for iv in ivs)
-    first_pos = min(0 if iv.pos is None else iv.pos for iv in ivs)
+    first_pos = min(1 if iv.pos is None else iv.pos for iv in ivs)
     touched = {(iv.layer, iv.feature) for iv in ivs}
     cands = []
     for layer in range(first_layer + 1, len(clean.acts)):
@@ -106,7 +106,7 @@ def default_watch(clean: Clean, ivs: list[Intervention], n: int) -> list[Feature
 
 
 def _feature_rows(model, ids: Tensor, clean: Clean, run: Run, layer: int, feature: int, pos: int | None) -> list:
-    positions = range(ids.numel()) if pos is None else [pos]
+    positions = range(1, ids.numel()) if pos is None else [pos]
     toks = model.decode(ids)
     return [{"pos": p, "token": toks[p],
              "act_before": float(clean.acts[layer][p, feature]) + 0.0,  # + 0.0: no "-0.0" from JumpReLU
@@ -131,7 +131,7 @@ def intervene(
     ids, ivs, held = _prepare(model, tc, prompt, interventions, mode, constrained_layers)
     clean = clean_run(model, tc, ids)
     run = run_free(model, tc, ids, ivs) if mode == "free" else run_constrained(model, tc, clean, ivs, held=held)
-    before, after = clean.trace.logits[0, -1], run.logits[-1]
+    before, after = clean.logits[-1], run.logits[-1]
     refs = validate_refs(as_refs(watch), tc, ids.numel()) if watch else default_watch(clean, ivs, n_watch)
     lb, la = top_tokens(model, before, top), top_tokens(model, after, top)
     pb, pa = torch.softmax(before.float(), -1), torch.softmax(after.float(), -1)

@@ -1,9 +1,9 @@
 """Running a model with some transcoder features changed, in the two senses of Ameisen et al. (2025).
 
-*Constrained*: inside the local replacement model of one prompt. Each MLP is replaced by its transcoder
-plus an error term (true MLP output − reconstruction, from the clean pass, held fixed), and attention
-patterns and norm denominators are frozen at the clean pass's values. Written as a change from the
-clean pass, a layer's output is
+*Constrained*: inside the local replacement model of one prompt (`cltrace.replacement`). Each MLP is
+replaced by its transcoder plus an error term (true MLP output − reconstruction, from the clean pass, held
+fixed), and attention patterns and norm denominators are frozen at the clean pass's values. Written as a
+change from the clean pass, a layer's output is
 
     out_t = mlp_out_t(clean) + Σ_{s ≤ t} (a_s − a_s(clean)) @ W_dec[s][:, t − s]   (+ skip-term change)
 
@@ -15,30 +15,44 @@ layers leaves only direct decoder effects, which is what attribution-graph edges
 from the live MLP input), and delta · W_dec[s][:, t − s] is added to the true MLP output of every layer t
 the feature writes to. Everything downstream, attention included, recomputes.
 
+Position 0 (BOS) carries no features, as in the replacement model and the attribution graph.
 All tensors here are for one sequence: T positions, D d_model, F features, V vocab.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from cltrace.interventions.spec import Intervention
-from cltrace.models.adapter import ModelAdapter, Trace
+from cltrace.models.adapter import ModelAdapter
+from cltrace.replacement.forward import frozen_forward
+from cltrace.replacement.local import LocalReplacement, build_replacement
+from cltrace.transcoders.circuit_tracer_format import input_point
 from cltrace.transcoders.transcoder import Transcoder
 
 
 @dataclass
 class Clean:
-    """The clean pass every intervention is measured against."""
+    """The clean pass every intervention is measured against: the prompt's local replacement model, plus
+    every layer's dense pre-activations and activations (position 0, BOS, carries no features)."""
 
-    ids: Tensor  # [T]
-    trace: Trace  # mlp_in / mlp_out [1, T, D], logits [1, T, V], frozen attention patterns and norm scales
-    pre: list[Tensor]  # per layer [T, F] transcoder pre-activations
-    acts: list[Tensor]  # per layer [T, F] activations
+    rep: LocalReplacement  # frozen patterns and norm scales, embeddings, read points, true MLP outputs
+    pre: list[Tensor]  # per layer [T, F]
+    acts: list[Tensor]  # per layer [T, F], row 0 zero
+
+    @property
+    def ids(self) -> Tensor:  # [T]
+        return self.rep.ids
+
+    @property
+    def logits(self) -> Tensor:  # [T, V]
+        return self.rep.logits
 
 
 @dataclass
@@ -46,29 +60,34 @@ class Run:
     """What an intervened pass produced."""
 
     logits: Tensor  # [T, V]
-    pre: list[Tensor]  # per layer [T, F] pre-activations read from the live MLP inputs
+    pre: list[Tensor]  # per layer [T, F] pre-activations read from the live stream
     acts: list[Tensor]  # per layer [T, F] activations in effect (after interventions; held layers: clean)
 
 
-def encode(tc: Transcoder, mlp_in: Tensor, layer: int) -> tuple[Tensor, Tensor]:
-    """mlp_in [1, T, D] -> (pre [T, F], acts [T, F]) with inference-time activations."""
+def encode(tc: Transcoder, x: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+    """Read point x [T, D] -> (pre [T, F], acts [T, F]) with inference-time activations and no BOS features."""
     W = tc.W_enc[layer].detach()
-    pre = mlp_in[0].to(W.dtype) @ W + tc.b_enc[layer].detach()  # [T, F]
-    return pre, tc.activate(pre, layer, training=False)
+    pre = x.to(W.dtype) @ W + tc.b_enc[layer].detach()  # [T, F]
+    a = tc.activate(pre, layer, training=False)
+    return pre, torch.cat([torch.zeros_like(a[:1]), a[1:]])
 
 
+@torch.no_grad()
 def clean_run(model: ModelAdapter, tc: Transcoder, ids: Tensor) -> Clean:
-    """One plain forward pass, with every layer's transcoder activations."""
-    trace = model.forward(ids)
-    pre, acts = zip(*(encode(tc, trace.mlp_in[layer], layer) for layer in range(model.n_layers)))
-    return Clean(ids, trace, list(pre), list(acts))
+    """One plain forward pass -> the local replacement model and every layer's activations."""
+    rep = build_replacement(model, tc, ids)
+    pre, acts = zip(*(encode(tc, rep.inputs[layer], layer) for layer in range(model.n_layers)))
+    return Clean(rep, list(pre), list(acts))
 
 
 def apply(ivs: list[Intervention], a: Tensor) -> Tensor:
-    """a [T, F] activations of one layer -> a copy with the interventions applied in order."""
+    """a [T, F] activations of one layer -> a copy with the interventions applied in order.
+
+    pos None means every position but 0: BOS carries no features, as in the attribution graph.
+    """
     a = a.clone()
     for iv in ivs:
-        at = slice(None) if iv.pos is None else iv.pos
+        at = slice(1, None) if iv.pos is None else iv.pos
         a[at, iv.feature] = iv.value if iv.op == "set" else a[at, iv.feature] * iv.value
     return a
 
@@ -114,14 +133,16 @@ def run_constrained(
     linear: responding features follow their pre-activation linearly where active (a = a_clean + Δpre),
     and stay off where inactive: the first-order model that attribution graphs describe.
     """
+    rep = clean.rep
     by_layer = _by_layer(interventions)
     writes = DecoderWrites(tc)
     pres: list[Tensor] = []
     acts: list[Tensor] = []
     W_skip = tc.W_skip.detach() if tc.W_skip is not None else None
 
-    def hook(layer: int, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
-        pre, a_live = encode(tc, mlp_in, layer)  # [T, F]
+    def mlp(layer: int, resid_mid: Tensor, mlp_in: Tensor) -> Tensor:
+        x = (resid_mid if rep.point == "resid_mid" else mlp_in)[0]  # [T, D] live read point
+        pre, a_live = encode(tc, x, layer)  # [T, F]
         a0 = clean.acts[layer]
         if layer in held:
             a = a0
@@ -136,19 +157,45 @@ def run_constrained(
         if linear and layer not in held and torch.is_grad_enabled():
             always |= (a0 != 0).any(0)  # active features pass gradients on even where their change is 0
         writes.add(layer, a - a0, always)
-        out = clean.trace.mlp_out[layer]  # [1, T, D]: the error term is held inside it
+        out = rep.mlp_out[layer]  # [T, D]: the error term is held inside it
         if W_skip is not None:
-            dx = (mlp_in - clean.trace.mlp_in[layer])[0].to(W_skip.dtype)
+            dx = (x - rep.inputs[layer]).to(W_skip.dtype)
             out = out + (dx @ W_skip[layer]).to(out.dtype)
         w = writes.take(layer)
         if w is not None:
-            out = out + w[None].to(out.dtype)
+            out = out + w.to(out.dtype)
         pres.append(pre)
         acts.append(a)
-        return out
+        return out[None]
 
-    trace = model.forward(clean.ids, mlp_hook=hook, frozen=clean.trace.frozen)
-    return Run(trace.logits[0], pres, acts)
+    fp = frozen_forward(model, rep.embed[None], rep.frozen, mlp)
+    return Run(model.unembed(fp.final_normed)[0], pres, acts)
+
+
+@contextmanager
+def _live_resid_mid(model: ModelAdapter, point: str) -> Iterator[dict[int, Tensor]]:
+    """Record resid_mid per layer during `model.forward`, for transcoders that read there.
+
+    The adapter's mlp_hook sees only the MLP's normalized input; resid_mid is what its MLP-input norm is
+    applied to, so a temporary wrapper around `model.norm` catches it as it goes by.
+    """
+    seen: dict[int, Tensor] = {}
+    if point != "resid_mid":
+        yield seen
+        return
+    norm = model.norm
+
+    def recording_norm(module, x, key, frozen, record):
+        layer, _, name = key.partition(".")
+        if name == "mlp_in":
+            seen[int(layer)] = x
+        return norm(module, x, key, frozen, record)
+
+    model.norm = recording_norm
+    try:
+        yield seen
+    finally:
+        del model.norm  # back to the class's method
 
 
 def run_free(model: ModelAdapter, tc: Transcoder, ids: Tensor, interventions: list[Intervention]) -> Run:
@@ -157,20 +204,22 @@ def run_free(model: ModelAdapter, tc: Transcoder, ids: Tensor, interventions: li
     writes = DecoderWrites(tc)
     pres: list[Tensor] = []
     acts: list[Tensor] = []
+    with _live_resid_mid(model, input_point(tc)) as resid_mid:
 
-    def hook(layer: int, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
-        pre, a = encode(tc, mlp_in, layer)  # current activations, from the live MLP input
-        ivs = by_layer.get(layer, [])
-        if ivs:
-            new = apply(ivs, a)
-            writes.add(layer, new - a, [iv.feature for iv in ivs])
-            a = new
-        w = writes.take(layer)
-        pres.append(pre)
-        acts.append(a)
-        return mlp_out if w is None else mlp_out + w[None].to(mlp_out.dtype)
+        def hook(layer: int, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
+            x = resid_mid.get(layer, mlp_in)[0]
+            pre, a = encode(tc, x, layer)  # current activations, from the live stream
+            ivs = by_layer.get(layer, [])
+            if ivs:
+                new = apply(ivs, a)
+                writes.add(layer, new - a, [iv.feature for iv in ivs])
+                a = new
+            w = writes.take(layer)
+            pres.append(pre)
+            acts.append(a)
+            return mlp_out if w is None else mlp_out + w[None].to(mlp_out.dtype)
 
-    trace = model.forward(ids, mlp_hook=hook)
+        trace = model.forward(ids, mlp_hook=hook)
     return Run(trace.logits[0], pres, acts)
 
 

@@ -22,7 +22,8 @@ _SPEC = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*(?:@\s*(-?\d+)\s*)?(?:=\s*(\S+)
 class Intervention:
     """Change one transcoder feature: `set` its activation to `value`, or `scale` it by `value`.
 
-    pos None means every position, including tokens generated later; an int is one prompt position.
+    pos None means every position but 0 (BOS has no features), including tokens generated later; an int
+    is one prompt position (≥ 1).
     `value` may be a 0-dim tensor that requires grad: the engine then differentiates through it.
     """
 
@@ -105,6 +106,9 @@ def check_feature(layer: int, feature: int, pos: int | None, n_layers: int, n_fe
     p = pos + n_pos if pos < 0 else pos
     if not 0 <= p < n_pos:
         raise CltraceError(f"{label}: position {pos} is past the prompt ({n_pos} tokens, positions 0..{n_pos - 1})")
+    if p == 0:
+        raise CltraceError(f"{label}: position 0 is the start-of-text token, which carries no features "
+                           f"(as in attribution graphs); use positions 1..{n_pos - 1}")
     return p
 
 
