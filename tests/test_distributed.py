@@ -1,0 +1,276 @@
+"""Distributed training on CPU with gloo: 2 (or 4) local processes on loopback, each test bounded in time.
+
+Workers are module-level functions started with torch.multiprocessing (spawn); each sets the torchrun
+environment variables itself, so `init_distributed` takes the same path as under torchrun. Results come
+back through files (torch.save) so that a rank's outcome is read even when another rank failed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from cltrace.training.distributed import Dist, FailureGuard, init_distributed, prefetch, shutdown
+from cltrace.training.sharding import (
+    init_shard,
+    load_shard,
+    load_sharded,
+    merge_shards,
+    save_shard,
+    shard_bounds,
+    shard_transcoder,
+    sharded_forward,
+)
+from cltrace.transcoders.io import load_transcoder
+from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
+
+L, D, F, N = 3, 8, 12, 16
+LAMBDA = 1e-2
+
+
+# ---------------------------------------------------------------------- launching
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, out: str, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        result = fn(rank, *args)
+    except BaseException as e:  # noqa: BLE001 - reported through the result file
+        result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+
+
+def launch(fn, world: int, tmp_path: Path, *args, timeout: float = 60.0) -> list:
+    """Run fn(rank, *args) on `world` processes; [result of each rank]. Fails (and kills all) on timeout."""
+    out = tmp_path / f"results-{fn.__name__}"
+    out.mkdir(parents=True)
+    ctx = mp.start_processes(_entry, args=(world, _free_port(), fn, str(out), args), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{fn.__name__} on {world} processes did not finish in {timeout} s")
+    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for r, res in enumerate(results):
+        if isinstance(res, dict) and "error" in res and not fn.__name__.startswith("fail"):
+            pytest.fail(f"rank {r}: {res['traceback']}")
+    return results
+
+
+# ---------------------------------------------------------------------- a reference training step
+def make_cfg(activation: str = "jumprelu", **kw) -> TranscoderConfig:
+    return TranscoderConfig(kind="clt", n_layers=L, d_model=D, n_features=F, activation=activation,
+                            k=kw.pop("k", 3), bandwidth=1.0, **kw)
+
+
+def full_init(cfg: TranscoderConfig, seed: int = 0) -> Transcoder:
+    torch.manual_seed(seed)
+    tc = Transcoder(cfg)
+    with torch.no_grad():
+        tc.log_threshold.fill_(-3.0)  # let features fire on random data
+    return tc
+
+
+def data(steps: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(N, L, D, generator=g), torch.randn(N, L, D, generator=g)) for _ in range(steps)]
+
+
+def train(tc: Transcoder, d: Dist, batches, lr: float = 1e-2, opt_state=None):
+    """Plain Adam on MSE + λ Σ_f a·‖W_dec‖, feature sums across shards, gradients averaged over data ranks."""
+    opt = torch.optim.Adam(tc.parameters(), lr=lr)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    losses = []
+    for x, y in batches:
+        x, y = d.split_batch(x, y)
+        pre, acts, recon = sharded_forward(tc, x, d, sparse="never")
+        mse = ((recon - y) ** 2).sum(-1).mean()  # [N, L, D] -> scalar, identical on every feature shard
+        penalty = d.sum_over_features((acts * tc.decoder_norms()).sum((1, 2)).mean())  # Σ over all features
+        loss = mse + LAMBDA * penalty
+        loss.backward()
+        d.average_gradients(tc.parameters())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return (torch.stack(losses) if losses else torch.zeros(0)), opt
+
+
+def single_reference(activation: str, steps: int):
+    tc = full_init(make_cfg(activation))
+    tc.train()
+    losses, _ = train(tc, Dist(), data(steps))
+    return tc, losses
+
+
+# ---------------------------------------------------------------------- workers
+def worker_train(rank: int, feature_shards: int, activation: str, steps: int):
+    d = init_distributed(feature_shards, "cpu", timeout_s=60)
+    full = full_init(make_cfg(activation))
+    tc = shard_transcoder(full, d.fp_rank, d.fp_size) if d.fp_size > 1 else full
+    tc.train()
+    losses, _ = train(tc, d, data(steps))
+    with torch.no_grad():
+        _, _, recon = sharded_forward(tc.eval(), data(1, seed=9)[0][0], d)
+    out = {"state": {k: v.detach().clone() for k, v in tc.state_dict().items()}, "losses": losses,
+           "recon": recon, "comm": dict(d.comm_bytes), "fp_rank": d.fp_rank, "dp_rank": d.dp_rank}
+    shutdown(d)
+    return out
+
+
+def worker_checkpoint(rank: int, folder: str, steps_before: int, steps_after: int, interrupt: bool):
+    """Train, checkpoint (shards + optimizer state per rank), optionally stop and resume from the files."""
+    d = init_distributed(2, "cpu", timeout_s=60)
+    full = full_init(make_cfg())
+    tc = shard_transcoder(full, d.fp_rank, d.fp_size).train()
+    batches = data(steps_before + steps_after)
+    _, opt = train(tc, d, batches[:steps_before])
+    save_shard(tc, folder)
+    torch.save(opt.state_dict(), Path(folder) / f"optim-rank{rank}.pt")
+    d.barrier()
+    if interrupt:  # a fresh shard and optimizer, read back from disk as a resumed run would
+        tc = load_shard(folder, d.fp_rank).train()
+        state = torch.load(Path(folder) / f"optim-rank{rank}.pt")
+        _, opt = train(tc, d, batches[steps_before:], opt_state=state)
+    else:
+        opt_state = opt.state_dict()
+        _, opt = train(tc, d, batches[steps_before:], opt_state=opt_state)
+    with torch.no_grad():
+        _, _, recon = sharded_forward(tc.eval(), data(1, seed=9)[0][0], d)
+    shutdown(d)
+    return {"recon": recon, "state": {k: v.detach().clone() for k, v in tc.state_dict().items()}}
+
+
+def fail_on_rank1(rank: int, fail_step: int):
+    d = init_distributed(1, "cpu", timeout_s=60)
+    tc = full_init(make_cfg()).train()
+    steps = 0
+    try:
+        with FailureGuard(d, grace_s=20) as guard:
+            for x, y in data(200):
+                guard.check()
+                if rank == 1 and steps == fail_step:
+                    raise ValueError("bad batch on purpose")
+                train(tc, d, [(x, y)])
+                steps += 1
+    finally:
+        shutdown_quietly(d)
+    return {"steps": steps}
+
+
+def shutdown_quietly(d: Dist) -> None:
+    try:
+        shutdown(d)
+    except Exception:  # noqa: BLE001 - the peer is gone
+        pass
+
+
+# ---------------------------------------------------------------------- tests
+def test_shard_bounds_cover_features():
+    assert shard_bounds(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert shard_bounds(4, 4)[-1] == (3, 4)
+
+
+def test_single_process_hooks_are_identity():
+    d = init_distributed(1, "cpu")
+    assert not d.distributed and d.is_main
+    t = torch.randn(3, requires_grad=True)
+    assert d.sum_over_features(t) is t and d.split_batch(t)[0] is t
+    d.average_gradients([torch.nn.Parameter(torch.ones(2))])
+    assert not d.comm_bytes
+
+
+def test_sharded_init_matches_distribution():
+    cfg = make_cfg()
+    a, b = init_shard(cfg, 0, 2, seed=3), init_shard(cfg, 1, 2, seed=3)
+    assert a.n_features + b.n_features == F and not torch.equal(a.W_enc[:, :, :2], b.W_enc[:, :, :2])
+    assert a.W_enc.abs().max() <= 1 / F**0.5  # the global F's bound, not the shard's
+
+
+def test_prefetch_keeps_order_and_raises():
+    batches = data(5)
+    got = list(prefetch(iter(batches), "cpu", depth=2))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got, batches))
+
+    def broken():
+        yield batches[0]
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(prefetch(broken(), "cpu"))
+
+
+def test_data_parallel_equals_single_process(tmp_path):
+    steps = 4
+    ref, ref_losses = single_reference("jumprelu", steps)
+    results = launch(worker_train, 2, tmp_path, 1, "jumprelu", steps)
+    for res in results:
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(res["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    # each rank's loss is the mean over its half; their average is the single-process loss
+    torch.testing.assert_close((results[0]["losses"] + results[1]["losses"]) / 2, ref_losses, rtol=1e-5, atol=1e-6)
+    grad_bytes = results[0]["comm"]["grad"]
+    assert grad_bytes == steps * 4 * sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "batchtopk", "topk"])
+def test_feature_sharded_equals_unsharded(tmp_path, activation):
+    steps = 3
+    ref, ref_losses = single_reference(activation, steps)
+    results = launch(worker_train, 2, tmp_path, 2, activation, steps)
+    with torch.no_grad():
+        _, _, ref_recon = sharded_forward(ref.eval(), data(1, seed=9)[0][0], Dist())
+    for res in results:
+        expect = shard_transcoder(ref, res["fp_rank"], 2).state_dict()
+        for k, v in expect.items():
+            torch.testing.assert_close(res["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(res["losses"], ref_losses, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(res["recon"], ref_recon, rtol=1e-5, atol=1e-5)
+    comm = results[0]["comm"]
+    assert comm["partial_recon"] == (steps + 1) * N * L * D * 4  # one [N, L, D] all-reduce per step (+ eval)
+    assert comm["feature_sums"] == steps * 4 and "grad" not in comm
+
+
+def test_sharded_checkpoint_merge_load(tmp_path):
+    folder = tmp_path / "ckpt"
+    results = launch(worker_checkpoint, 2, tmp_path, str(folder), 2, 0, False)
+    merged = load_transcoder(merge_shards(folder, tmp_path / "merged"))
+    direct = load_sharded(folder)
+    x = data(1, seed=9)[0][0]
+    with torch.no_grad():
+        _, recon = merged.eval()(x)
+        _, recon_direct = direct.eval()(x)
+    assert torch.equal(recon, recon_direct)
+    torch.testing.assert_close(recon, results[0]["recon"], rtol=1e-5, atol=1e-5)
+    assert merged.n_features == F and merged.cfg.extra.get("shard") is None
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path):
+    straight = launch(worker_checkpoint, 2, tmp_path / "a", str(tmp_path / "a" / "ckpt"), 2, 2, False)
+    resumed = launch(worker_checkpoint, 2, tmp_path / "b", str(tmp_path / "b" / "ckpt"), 2, 2, True)
+    for a, b in zip(straight, resumed):
+        for k in a["state"]:
+            torch.testing.assert_close(b["state"][k], a["state"][k], rtol=0, atol=0, msg=k)
+
+
+def test_failure_on_rank1_stops_rank0_with_its_message(tmp_path):
+    t0 = time.monotonic()
+    results = launch(fail_on_rank1, 2, tmp_path, 2, timeout=60)
+    assert "bad batch on purpose" in results[1]["error"]
+    assert results[0]["error"].startswith("RankFailure: rank 1: ValueError: bad batch on purpose")
+    assert time.monotonic() - t0 < 60
