@@ -274,3 +274,20 @@ def test_failure_on_rank1_stops_rank0_with_its_message(tmp_path):
     assert "bad batch on purpose" in results[1]["error"]
     assert results[0]["error"].startswith("RankFailure: rank 1: ValueError: bad batch on purpose")
     assert time.monotonic() - t0 < 60
+
+
+def test_merge_shards_cli_and_load_transcoder_reads_shards(tmp_path):
+    from cltrace.cli import main
+
+    full = full_init(make_cfg(skip=True))
+    with torch.no_grad():
+        full.W_skip.normal_()
+        full.b_dec.normal_()
+    for j in range(3):
+        save_shard(shard_transcoder(full, j, 3), tmp_path / "shards")
+    direct = load_transcoder(tmp_path / "shards")  # io detects shards.json
+    assert main(["-q", "merge-shards", str(tmp_path / "shards"), "--out", str(tmp_path / "merged")]) == 0
+    merged = load_transcoder(tmp_path / "merged")
+    for k, v in full.state_dict().items():
+        assert torch.equal(direct.state_dict()[k], v) and torch.equal(merged.state_dict()[k], v), k
+    assert main(["-q", "merge-shards", str(tmp_path), "--out", str(tmp_path / "x")]) == 2

@@ -41,10 +41,14 @@ def save_transcoder(tc: Transcoder, folder: str | Path) -> Path:
 
 
 def load_transcoder(folder: str | Path, *, device="cpu", dtype=torch.float32) -> Transcoder:
-    """Load a cltrace transcoder folder, or a circuit-tracer one (detected by its config.yaml)."""
+    """Load a cltrace transcoder folder, a feature-sharded one (shards.json), or a circuit-tracer one (config.yaml)."""
     folder = Path(folder)
     if not folder.exists():
         raise CltraceError(f"no transcoder folder at {folder}: give a folder written by `cltrace train`")
+    if (folder / "shards.json").exists() and not (folder / WEIGHTS).exists():  # feature-sharded training output
+        from cltrace.training.sharding import load_sharded
+
+        return load_sharded(folder, device=device, dtype=dtype)
     if not (folder / CONFIG).exists() and (folder / "config.yaml").exists():
         from cltrace.transcoders.circuit_tracer_format import load_circuit_tracer
 
