@@ -1,0 +1,407 @@
+"""One trainer for every architecture: CLT or PLT; JumpReLU, ReLU, TopK or BatchTopK; optional skip.
+
+    for each step:
+        x, y  <- next batch [N, L, D], divided by the per-layer scalars x_scale, y_scale
+        pre, a, ŷ = forward (sparse decode of the active features; partial reconstructions summed over
+                              feature shards by the `Dist` hooks, a no-op on one process)
+        loss  = recon + λ(t)·sparsity + preact          (JumpReLU/ReLU)
+              = recon + auxk                           (TopK/BatchTopK)
+        backward; average gradients over data ranks; clip; AdamW step with the scheduled LR
+    every `checkpoint_every` steps: atomic checkpoint (resume gives the same weights as no interruption)
+    at the end: fold the normalization into the weights, save_transcoder, plot the curves
+
+The distributed hooks (`split_batch`, `sum_over_features`, `average_gradients`) come from
+`cltrace.training.distributed.Dist`; single-process runs get the identity version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from cltrace.errors import CltraceError
+from cltrace.training.checkpoint import (
+    checkpoint_root,
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    save_checkpoint,
+)
+from cltrace.training.config import CONFIG_FILE, TrainConfig
+from cltrace.training.losses import (
+    auxk_acts,
+    auxk_loss,
+    preact_loss,
+    reconstruction_loss,
+    tanh_sparsity,
+)
+from cltrace.training.metrics import FeatureStats, MetricsLog, plot_curves
+from cltrace.training.schedule import lr_factor, sparsity_factor
+from cltrace.training.sparse import decode_partial
+from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+# fields that may differ between a run and its resumption (they do not change the result)
+RUNTIME_FIELDS = {"device", "out", "log_every", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints",
+                  "progress", "extra"}
+
+
+class TrainingDiverged(CltraceError):
+    """The loss or the gradient became NaN or Inf."""
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, source, *, model_name: str = "", dist=None, log=None):
+        from cltrace.runtime import resolve_device
+        from cltrace.training.distributed import Dist
+
+        cfg.validate()
+        self.cfg, self.source = cfg, source
+        self.dist = dist if dist is not None else Dist()
+        self.log = log or (lambda *a: None)
+        self.device = resolve_device(cfg.device)
+        self.out = Path(cfg.out)
+        self.model_name = model_name
+        L, D = source.n_layers, source.d_model
+        tc_cfg = TranscoderConfig(
+            kind=cfg.kind, n_layers=L, d_model=D, n_features=cfg.features_per_layer, activation=cfg.activation,
+            k=cfg.k, skip=cfg.skip, bandwidth=cfg.bandwidth, model_name=model_name,
+        )
+        torch.manual_seed(cfg.seed)
+        self.tc = Transcoder(tc_cfg, device=self.device).train()
+        self.params = [p for p in self.tc.parameters()]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                     foreach=True)
+        self.stats = FeatureStats(L, cfg.features_per_layer, device=self.device)
+        self.x_scale = torch.ones(L, device=self.device)  # [L] inputs are divided by these
+        self.y_scale = torch.ones(L, device=self.device)  # [L] outputs too
+        self.y_var = torch.ones(L, device=self.device)  # [L] variance of normalized outputs (loss weights)
+        self.step = 0
+        self._last_ckpt_time = time.monotonic()
+        self.last_checkpoint: Path | None = None
+
+    # ------------------------------------------------------------------ start
+    @torch.no_grad()
+    def initialize(self) -> None:
+        """Fresh start: normalization scalars, output variances and JumpReLU thresholds from data."""
+        cfg, L, D = self.cfg, self.source.n_layers, self.source.d_model
+        try:
+            batches = self.source.batches(min(cfg.batch_size, cfg.norm_tokens), seed=cfg.seed + 7919, track=False)
+        except TypeError:  # a source without the track option
+            batches = self.source.batches(min(cfg.batch_size, cfg.norm_tokens), seed=cfg.seed + 7919)
+        sx = torch.zeros(L, dtype=torch.float64)
+        sy = torch.zeros(L, dtype=torch.float64)
+        my = torch.zeros(L, D, dtype=torch.float64)
+        first_x, seen = [], 0
+        for x, y in batches:
+            x, y = x[: cfg.norm_tokens - seen].double(), y[: cfg.norm_tokens - seen].double()
+            sx += x.pow(2).sum((0, 2))
+            sy += y.pow(2).sum((0, 2))
+            my += y.sum(0)
+            if seen < 4096:
+                first_x.append(x[: 4096 - seen].float())
+            seen += len(x)
+            if seen >= cfg.norm_tokens:
+                break
+        if seen == 0:
+            raise CltraceError("the activation source gave no rows: is the corpus empty?")
+        x_scale = (sx / (seen * D)).sqrt()
+        y_scale = (sy / (seen * D)).sqrt()
+        x_scale, y_scale = torch.where(x_scale > 0, x_scale, 1.0), torch.where(y_scale > 0, y_scale, 1.0)
+        mean_y = my / seen  # [L, D] raw
+        var = (sy / seen - mean_y.pow(2).sum(-1)) / y_scale.pow(2)  # E‖y − ȳ‖² in normalized units
+        self.x_scale.copy_(x_scale.float())
+        self.y_scale.copy_(y_scale.float())
+        self.y_var.copy_(var.clamp_min(1e-6 * D).float())
+        if cfg.activation in ("jumprelu", "batchtopk"):
+            self._init_thresholds(torch.cat(first_x).to(self.device) / self.x_scale[:, None])
+
+    @torch.no_grad()
+    def _init_thresholds(self, x: Tensor) -> None:
+        """θ per feature = the pre-activation it exceeds on init_l0/F of the tokens: a realistic L0 at once."""
+        cfg = self.cfg
+        pre = self.tc.pre_acts(x)  # [n, L, F]
+        target = cfg.k if cfg.activation == "batchtopk" else cfg.init_l0
+        k = max(1, min(pre.shape[0], round(pre.shape[0] * target / cfg.features_per_layer)))
+        theta = pre.topk(k, dim=0).values[-1]  # [L, F]
+        self.tc.log_threshold.copy_(theta.clamp_min(1e-3).log())
+
+    def resume_from(self, path: Path) -> None:
+        tensors, meta = load_checkpoint(path)
+        tc_state = {k[3:]: v for k, v in tensors.items() if k.startswith("tc.")}
+        self.tc.load_state_dict(tc_state)
+        optimizer_from_flat(self.opt, tensors, meta["optimizer"])
+        self.stats.load(tensors)
+        self.x_scale.copy_(tensors["norm.x_scale"])
+        self.y_scale.copy_(tensors["norm.y_scale"])
+        self.y_var.copy_(tensors["norm.y_var"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if torch.cuda.is_available() and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        self.step = int(meta["step"])
+        src_state = meta.get("source")
+        if src_state is not None and hasattr(self.source, "load_state_dict"):
+            self.source.load_state_dict(src_state)
+            self._skip_batches = 0
+        else:  # a source without state: replay its batches (cheap only for in-memory and cached sources)
+            self._skip_batches = self.step
+        self.last_checkpoint = path
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path | None:
+        if not (self.dist.is_main or (self.dist.writes_shard and self.dist.fp_size > 1)):
+            return None
+        tensors = {f"tc.{k}": v for k, v in self.tc.state_dict().items()}
+        opt_tensors, opt_meta = optimizer_to_flat(self.opt)
+        tensors.update(opt_tensors)
+        tensors.update(self.stats.state())
+        tensors.update({"norm.x_scale": self.x_scale, "norm.y_scale": self.y_scale, "norm.y_var": self.y_var,
+                        "rng.torch": torch.get_rng_state()})
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        meta = {"optimizer": opt_meta, "tokens": self.step * self.cfg.batch_size, "config": self.cfg.to_dict(),
+                "source": self.source.state_dict() if hasattr(self.source, "state_dict") else None}
+        root = checkpoint_root(self.out)
+        if self.dist.fp_size > 1:
+            root = root / f"shard-{self.dist.fp_rank}"
+        self.last_checkpoint = save_checkpoint(root, self.step, tensors, meta, keep=self.cfg.keep_checkpoints)
+        self._last_ckpt_time = time.monotonic()
+        return self.last_checkpoint
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, x: Tensor, y: Tensor) -> dict:
+        """One optimizer step on raw activations x, y [N, L, D]; returns the step's metrics."""
+        from cltrace.training.sharding import sharded_forward
+
+        cfg, tc, d = self.cfg, self.tc, self.dist
+        x = x.to(self.device, torch.float32) / self.x_scale[:, None]
+        y = y.to(self.device, torch.float32) / self.y_scale[:, None]
+        x, y = d.split_batch(x, y)
+        lr = cfg.lr * lr_factor(self.step, cfg.steps, cfg.warmup, cfg.decay, cfg.min_lr)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        lam = cfg.sparsity * sparsity_factor(self.step, cfg.steps, cfg.sparsity_warmup)
+
+        with self._autocast():
+            pre, acts, recon = sharded_forward(tc, x, d, sparse=cfg.sparse_decode)  # [N, L, F], [N, L, F], [N, L, D]
+        recon_loss, nmse = reconstruction_loss(recon, y, self.y_var)
+        terms = {"recon": recon_loss}
+        if cfg.activation in ("jumprelu", "relu"):
+            norms = tc.decoder_norms()  # [L, F] ‖W_dec_i‖ over all the layers feature i writes to
+            if lam > 0:
+                terms["sparsity"] = lam * d.sum_over_features(tanh_sparsity(acts, norms, cfg.sparsity_c))
+            if cfg.preact > 0 and cfg.activation == "jumprelu":
+                terms["preact"] = cfg.preact * d.sum_over_features(preact_loss(pre, tc.threshold, norms))
+        elif cfg.auxk > 0:
+            dead = self.stats.dead(cfg.dead_tokens)
+            if dead.any():
+                aux = auxk_acts(pre, dead, cfg.auxk_k or 2 * cfg.k)  # [N, L, F]
+                aux_recon = d.sum_over_features(decode_partial(tc, aux))  # [N, L, D] no bias
+                terms["auxk"] = cfg.auxk * auxk_loss(aux_recon, (y - recon).detach(), self.y_var)
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            self._diverged("loss", loss, terms)
+
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        d.average_gradients(self.params)
+        if cfg.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        else:
+            gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+        if not torch.isfinite(gnorm):
+            self._diverged("gradient norm", gnorm, terms)
+        self.opt.step()
+
+        with torch.no_grad():
+            if cfg.activation == "batchtopk":
+                self._update_batchtopk_threshold(acts)
+            l0 = self.stats.update(acts)  # [L]
+        self.step += 1
+        return {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "nmse_layers": nmse, "l0_layers": l0,
+                "lr": lr, "lambda": lam, "grad_norm": gnorm.item()}
+
+    @torch.no_grad()
+    def _update_batchtopk_threshold(self, acts: Tensor, decay: float = 0.99) -> None:
+        """Inference threshold of BatchTopK: running mean of the smallest kept activation, per layer."""
+        pos = torch.where(acts > 0, acts, torch.inf).amin(dim=(0, 2))  # [L]
+        ok = torch.isfinite(pos)
+        theta = self.tc.log_threshold.exp()[:, 0]
+        new = torch.where(ok, decay * theta + (1 - decay) * pos, theta)
+        self.tc.log_threshold.copy_(new.clamp_min(1e-6).log()[:, None].expand_as(self.tc.log_threshold))
+
+    def _diverged(self, what: str, value: Tensor, terms: dict) -> None:
+        parts = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+        where = (f"the last good checkpoint is {self.last_checkpoint} (step {self._ckpt_step()}); resume from it "
+                 "with --resume after lowering --lr" if self.last_checkpoint else "no checkpoint was written yet")
+        raise TrainingDiverged(
+            f"training stopped at step {self.step}: the {what} became {value.item()} ({parts}); {where}"
+        )
+
+    def _ckpt_step(self) -> int:
+        return int(self.last_checkpoint.name.split("-")[-1]) if self.last_checkpoint else 0
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, *, until_step: int | None = None) -> dict:
+        """Train to the configured token count (or `until_step`, for tests); returns the last metrics."""
+        cfg, d = self.cfg, self.dist
+        total = cfg.steps if until_step is None else min(until_step, cfg.steps)
+        batches = self.source.batches(cfg.batch_size, seed=cfg.seed)
+        for _ in range(getattr(self, "_skip_batches", 0)):
+            next(batches)
+        self._skip_batches = 0
+        log_file = MetricsLog(self.out / METRICS_FILE, enabled=d.is_main,
+                              resume_step=self.step if self.step > 0 else None)
+        bar = _progress(cfg, d, self.step, total)
+        t_last, tok_last, last = time.monotonic(), self.step * cfg.batch_size, {}
+        try:
+            while self.step < total:
+                x, y = next(batches)
+                m = self.train_step(x, y)
+                tokens = self.step * cfg.batch_size
+                if bar is not None:
+                    bar.update(cfg.batch_size)
+                    bar.set_postfix(loss=f"{m['loss']:.3g}", nmse=f"{m['nmse_layers'].mean():.3f}",
+                                    l0=f"{m['l0_layers'].mean():.1f}", refresh=False)
+                if self.step % cfg.log_every == 0 or self.step == total:
+                    now = time.monotonic()
+                    last = self._record(m, tokens, (tokens - tok_last) / max(now - t_last, 1e-9))
+                    log_file.write(last)
+                    t_last, tok_last = now, tokens
+                due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                late = cfg.checkpoint_minutes and time.monotonic() - self._last_ckpt_time > 60 * cfg.checkpoint_minutes
+                if (due or late) and self.step < cfg.steps:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.step >= cfg.steps:
+            self.save_checkpoint()
+        return last
+
+    def _record(self, m: dict, tokens: int, tok_per_s: float) -> dict:
+        dead = self.stats.dead(min(self.cfg.dead_tokens, max(tokens, 1)))
+        dense = self.stats.frequency > self.cfg.dense_frequency
+        rec = {
+            "step": self.step, "tokens": tokens, "tok_per_s": round(tok_per_s, 1),
+            **{k: m[k] for k in ("loss", "recon", "sparsity", "preact", "auxk") if k in m},
+            "nmse": m["nmse_layers"].mean().item(), "l0": m["l0_layers"].mean().item(),
+            "dead_fraction": dead.float().mean().item(), "dense_fraction": dense.float().mean().item(),
+            "lr": m["lr"], "lambda": m["lambda"], "grad_norm": m["grad_norm"],
+            "nmse_layers": [round(v, 5) for v in m["nmse_layers"].tolist()],
+            "l0_layers": [round(v, 2) for v in m["l0_layers"].tolist()],
+        }
+        self.log(f"step {self.step}: loss {rec['loss']:.4g} nmse {rec['nmse']:.4f} L0 {rec['l0']:.1f} "
+                 f"dead {rec['dead_fraction']:.3f} {tok_per_s:.0f} tok/s")
+        return rec
+
+    # ------------------------------------------------------------------ the result
+    def finalize(self, last: dict | None = None) -> Transcoder:
+        """Fold the normalization into a copy of the transcoder, save it, plot the curves."""
+        from cltrace.transcoders.io import save_transcoder
+
+        cfg = self.cfg
+        tc = Transcoder(self.tc.cfg, device=self.device, init=False)
+        tc.load_state_dict(self.tc.state_dict())
+        tc.fold_normalization(self.x_scale, self.y_scale)
+        tc.eval()
+        tc.cfg.extra = {**tc.cfg.extra, "training": {
+            "tokens": self.step * cfg.batch_size, "steps": self.step, "config": CONFIG_FILE,
+            "final_nmse": (last or {}).get("nmse"), "final_l0": (last or {}).get("l0"), **cfg.extra,
+        }}
+        if self.dist.is_main and self.dist.fp_size == 1:
+            save_transcoder(tc, self.out)
+            if (self.out / METRICS_FILE).exists():
+                try:
+                    plot_curves(self.out / METRICS_FILE, self.out / CURVES_FILE,
+                                f"{cfg.kind.upper()} {cfg.activation}, F={cfg.features_per_layer}, {self.model_name}")
+                except Exception as e:  # noqa: BLE001 - a plotting failure must not lose a trained transcoder
+                    self.log(f"could not plot the training curves: {e}")
+        return tc
+
+
+def _progress(cfg: TrainConfig, d, step: int, total: int):
+    if not cfg.progress or not d.is_main:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total * cfg.batch_size, initial=step * cfg.batch_size, unit="tok", unit_scale=True,
+                desc=f"train {cfg.kind}", dynamic_ncols=True, smoothing=0.1)
+
+
+# ---------------------------------------------------------------------- the entry point
+def open_source(cfg: TrainConfig, *, device=None, model=None):
+    """(activation source, model name) for a config: an activation cache or activations streamed from the model."""
+    from cltrace.data import CachedActivations, StreamingActivations
+
+    if cfg.cache:
+        if not Path(cfg.cache).exists():
+            raise CltraceError(f"no activation cache at {cfg.cache}: write one first (or drop --cache to stream)")
+        name = cfg.model or None
+        if model is not None:
+            name = model.name
+        src = CachedActivations(cfg.cache, model=name)
+        return src, src.manifest["model"]
+    if model is None:
+        from cltrace.models.registry import DEFAULT_MODEL, load_model
+
+        model = load_model(cfg.model or DEFAULT_MODEL, device=device or "cpu")
+    return StreamingActivations(model, cfg.corpus or None, context_len=cfg.context_len), model.name
+
+
+def train(cfg: TrainConfig, *, source=None, model=None, model_name: str = "", resume: bool = False, dist=None,
+          log=None, until_step: int | None = None) -> Transcoder:
+    """Train a transcoder as `cfg` says and save it into cfg.out; returns it (acting on raw activations).
+
+    source: any activation source (default: cfg.cache, else activations streamed from cfg.model).
+    resume: continue from the newest checkpoint in cfg.out (same result as an uninterrupted run); with no
+    checkpoint there, start afresh. until_step: stop early after that step (tests, benchmarks).
+    """
+    from cltrace.runtime import resolve_device
+
+    cfg.validate()
+    out = Path(cfg.out)
+    ckpt = latest_checkpoint(checkpoint_root(out)) if out.exists() else None
+    if ckpt is not None and not resume:
+        raise CltraceError(f"{out} already holds a training run (checkpoint {ckpt.name}): pass --resume to "
+                           "continue it, or choose another --out")
+    if ckpt is not None:
+        _check_same_config(cfg, out / CONFIG_FILE)
+    if source is None:
+        source, model_name = open_source(cfg, device=resolve_device(cfg.device), model=model)
+    model_name = model_name or getattr(model, "name", "") or cfg.model
+    trainer = Trainer(cfg, source, model_name=model_name, dist=dist, log=log)
+    out.mkdir(parents=True, exist_ok=True)
+    if ckpt is not None:
+        trainer.resume_from(ckpt)
+        trainer.log(f"resuming from {ckpt} (step {trainer.step} of {cfg.steps})")
+    else:
+        if trainer.dist.is_main:
+            cfg.save(out / CONFIG_FILE)
+        trainer.initialize()
+    last = trainer.run(until_step=until_step)
+    if trainer.step < cfg.steps:
+        return trainer.tc
+    return trainer.finalize(last)
+
+
+def _check_same_config(cfg: TrainConfig, saved_path: Path) -> None:
+    if not saved_path.exists():
+        return
+    saved = TrainConfig.load(saved_path)
+    diff = [f"{k}: saved {getattr(saved, k)!r}, now {getattr(cfg, k)!r}"
+            for k in cfg.to_dict() if k not in RUNTIME_FIELDS and cfg.to_dict()[k] != saved.to_dict()[k]]
+    if diff:
+        raise CltraceError("cannot resume with a different training config (" + "; ".join(diff) + ")")
+
