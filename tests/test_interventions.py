@@ -84,7 +84,7 @@ def test_all_layers_held_is_linear_and_matches_direct_patch(family):
             return o
 
         direct = model.forward(clean.ids, frozen=clean.rep.frozen, mlp_hook=patch)
-    d_logit, d_pre = first_order(model, tc, clean, 0, f, p, token=tok, watch=watch, held=set(range(L)))
+    d_logit, d_pre = first_order(model, tc, clean, 0, f, p, logit=tok, watch=watch, held=set(range(L)))
     for (wl, wf, wp), g in zip(watch, d_pre):
         expect_pre = (direct.mlp_in[wl][0, wp] @ tc.W_enc[wl, :, wf] + tc.b_enc[wl, wf]).detach()
         measured = float(run.pre[wl][wp, wf] - clean.pre[wl][wp, wf])
@@ -106,7 +106,7 @@ def test_first_order_matches_small_constrained_change(llama):
     f, p, a = active_feature(clean, 0)
     tok = int(clean.logits[-1].argmax())
     watch = [(3, f2, clean.ids.numel() - 1) for f2 in range(4)]
-    d_logit, d_pre = first_order(model, tc, clean, 0, f, p, token=tok, watch=watch)
+    d_logit, d_pre = first_order(model, tc, clean, 0, f, p, logit=tok, watch=watch)
     # frozen attention and norms: the replacement model is exactly linear while no feature crosses its threshold
     for eps in (0.2 * a, 0.02 * a, 0.002 * a):
         with torch.no_grad():
@@ -237,3 +237,142 @@ def test_bad_options(llama):
         intervene(tiny_model("llama", n_layers=2), tc, PROMPT, ["1:0=1"])
     with pytest.raises(CltraceError, match="temperature"):
         intervene_generate(model, tc, PROMPT, ["1:0=1"], temperature=-1)
+
+
+# ---------------------------------------------------------------------- (a) with the attribution graph's edges
+def graph_effects(graph, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per unit change of feature node k's activation: the change of every row's value (feature
+    pre-activations, then demeaned logits), (direct from edges, total along all paths of active features)."""
+    nf = graph.n_features
+    assert torch.equal(graph.rows[:nf], torch.arange(nf))  # feature rows first, in node order
+    per_unit = graph.edges[:, :nf] / graph.activations  # [R, nf]: edge / source activation
+    direct = per_unit[:, k]
+    e = torch.zeros(nf, dtype=per_unit.dtype)
+    e[k] = 1.0
+    da = torch.linalg.solve(torch.eye(nf) - per_unit[:nf], e)  # linearized: Δa_t = Δpre_t for active t
+    return direct, per_unit @ da
+
+
+def measured_effects(graph, clean, run) -> torch.Tensor:
+    """Change of every row's value between the clean pass and `run`."""
+    d_pre = torch.stack([run.pre[l][p, f] - clean.pre[l][p, f] for l, p, f in graph.features.tolist()])
+    logits = run.logits[-1] - run.logits[-1].mean() - (clean.logits[-1] - clean.logits[-1].mean())
+    return torch.cat([d_pre, logits[graph.logit_tokens]]).double()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_graph_edges_predict_constrained_interventions(family):
+    from cltrace.attribution import attribute
+
+    model = tiny_model(family)
+    tc = calibrated_transcoder(model)
+    graph = attribute(model, tc, PROMPT)
+    with torch.no_grad():
+        clean = clean_run(model, tc, graph.input_ids)
+    k = int(((graph.features[:, 0] == 1) * graph.activations).argmax())  # the most active layer-1 feature
+    layer, pos, f = graph.features[k].tolist()
+    a = float(graph.activations[k])
+    assert a == pytest.approx(float(clean.acts[layer][pos, f]), rel=1e-5)
+    direct, total = graph_effects(graph, k)
+    direct, total = direct.double(), total.double()
+    scale = float(direct.abs().max())
+    # every layer held: the frozen model is linear, so edge / a × Δa holds for any Δa
+    for delta in (-a, 2.5):
+        with torch.no_grad():
+            run = run_constrained(model, tc, clean, [Intervention(layer, f, a + delta, pos)],
+                                  held=set(range(model.n_layers)))
+        torch.testing.assert_close(measured_effects(graph, clean, run), direct * delta, rtol=1e-3, atol=1e-4 * scale)
+    # all layers responding: the linearized model follows every path of the graph
+    with torch.no_grad():
+        lin = run_constrained(model, tc, clean, [Intervention(layer, f, a + 1.0, pos)], linear=True)
+    torch.testing.assert_close(measured_effects(graph, clean, lin), total, rtol=1e-3, atol=1e-4 * scale)
+    # ... and so does the real constrained model, for a change small enough to flip no feature
+    eps = 1e-2 * a
+    with torch.no_grad():
+        run = run_constrained(model, tc, clean, [Intervention(layer, f, a + eps, pos)])
+    assert all(torch.equal(r != 0, c != 0) for r, c in zip(run.acts, clean.acts))
+    torch.testing.assert_close(measured_effects(graph, clean, run), total * eps, rtol=2e-2, atol=2e-4 * scale * eps)
+    # and autograd through the engine agrees with the graph for the top logit
+    V = clean.logits.shape[-1]
+    tok = int(graph.logit_tokens[0])
+    demean = torch.full((V,), -1.0 / V)
+    demean[tok] += 1.0
+    d_direct, _ = first_order(model, tc, clean, layer, f, pos, logit=demean, held=set(range(model.n_layers)))
+    d_total, _ = first_order(model, tc, clean, layer, f, pos, logit=demean)
+    nf = graph.n_features
+    assert d_direct == pytest.approx(float(direct[nf]), rel=1e-3, abs=1e-4 * scale)
+    assert d_total == pytest.approx(float(total[nf]), rel=1e-3, abs=1e-4 * scale)
+
+
+# ---------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny model folder, a transcoder folder and a graph file for the same prompt."""
+    from cltrace.attribution import attribute
+    from cltrace.models.registry import load_model
+    from cltrace.models.tiny import save_tiny
+    from cltrace.transcoders.io import save_transcoder
+
+    d = tmp_path_factory.mktemp("iv")
+    folder = str(save_tiny("llama", d / "tiny-llama"))
+    model = load_model(folder)
+    tc = calibrated_transcoder(model)
+    save_transcoder(tc, d / "tc")
+    graph = attribute(model, tc, PROMPT)
+    graph.save(d / "g.safetensors")
+    return folder, str(d / "tc"), str(d / "g.safetensors"), graph
+
+
+def test_cli_json(saved, capsys):
+    import json
+
+    from cltrace.cli import main
+
+    folder, tcdir, _, graph = saved
+    layer, pos, f = graph.features[0].tolist()
+    argv = ["--device", "cpu", "-q", "intervene", PROMPT, "--model", folder, "--transcoders", tcdir,
+            "--set", f"{layer}:{f}@{pos}=0", "--scale", "2:1=2", "--zero", "3:0@-1", "--json", "--top", "3"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"logits_before", "logits_after", "features", "interventions"} <= set(out)
+    assert set(out["logits_after"][0]) >= {"token", "prob"} and len(out["logits_after"]) == 3
+    assert main(argv[:-3] + ["--generate", "4", "--temperature", "0.8", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "original:" in text and "steered:" in text and "top token" in text
+
+
+def test_cli_graph_node(saved, capsys):
+    import json
+
+    from cltrace.cli import main
+
+    folder, tcdir, gfile, graph = saved
+    layer, pos, f = graph.features[int(graph.activations.argmax())].tolist()
+    base = ["-q", "intervene", "--model", folder, "--transcoders", tcdir, "--graph", gfile]
+    assert main(base + ["--node", f"{layer}_{f}_{pos}", "--constrained-layers", "all", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt"] == PROMPT and out["interventions"][0]["pos"] == pos
+    # with every layer held, the graph's direct prediction is what happens
+    for r in out["graph"]["logit_changes"]:
+        assert r["measured"] == pytest.approx(r["predicted_direct"], rel=1e-3, abs=1e-5)
+    for r in out["features"]:
+        assert r["pre_after"] - r["pre_before"] == pytest.approx(r["pre_change_predicted_direct"], rel=1e-3, abs=1e-5)
+    assert main(base + ["--node", f"{layer}_{f}_{pos}=1.5"]) == 0
+    assert "graph-predicted" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--set", "1:0@99=1"], "past the prompt"),
+    (["--set", "1:0=nan"], "not a finite number"),
+    (["--zero", "1:0=3"], "takes no value"),
+    (["--node", "1_0_2"], "give --graph"),
+    (["--set", "3_err_2=0"], "only feature nodes"),
+    (["--set", "1:0@0=1"], "start-of-text"),
+])
+def test_cli_errors_are_one_line(saved, capsys, argv, match):
+    from cltrace.cli import main
+
+    folder, tcdir, _, _ = saved
+    assert main(["intervene", PROMPT, "--model", folder, "--transcoders", tcdir] + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err

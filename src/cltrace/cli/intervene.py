@@ -15,12 +15,17 @@ def add_parser(sub, name: str) -> None:
         description="Set, scale or zero transcoder features on a prompt and show the next-token and feature "
                     "changes. LAYER:FEATURE[@POS]: POS is a prompt position (negative counts from the end); "
                     "without it the change applies at every position, generated tokens included.")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", help="the prompt (default: the --graph's prompt)")
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
     p.add_argument("--transcoders", "-t", required=True, help="transcoder folder (from `cltrace train`)")
     p.add_argument("--set", action="append", default=[], metavar="L:F[@P]=V", help="set an activation to V")
     p.add_argument("--scale", action="append", default=[], metavar="L:F[@P]=X", help="multiply an activation by X")
     p.add_argument("--zero", action="append", default=[], metavar="L:F[@P]", help="turn a feature off")
+    p.add_argument("--graph", "-g", metavar="FILE",
+                   help="attribution graph of the same prompt (`cltrace trace`): its nodes are watched by default "
+                        "and its direct prediction is shown next to the measured change")
+    p.add_argument("--node", action="append", default=[], metavar="ID[=V]",
+                   help="a graph feature node id LAYER_FEATURE_POS: set it to V, or turn it off without =V")
     p.add_argument("--mode", choices=["constrained", "free"], default="constrained",
                    help="constrained: inside the prompt's local replacement model (errors, attention and norms "
                         "frozen); free: in the real model, everything downstream recomputing (default constrained)")
@@ -47,6 +52,8 @@ def interventions_from_args(args) -> list:
         if value is not None:
             raise CltraceError(f"--zero {s!r} takes no value: write LAYER:FEATURE[@POS]")
         ivs.append(Intervention(layer, feature, 0.0, pos, "set"))
+    for s in args.node:
+        ivs.append(parse_intervention(s if "=" in s else s + "=0", "set"))
     return ivs
 
 
@@ -56,13 +63,17 @@ def run(args, ctx) -> int:
     from cltrace.transcoders.io import load_transcoder
 
     ivs = interventions_from_args(args)
+    if args.prompt is None and args.graph is None:
+        raise CltraceError("give a prompt, or --graph FILE to use the graph's prompt")
+    if args.node and args.graph is None:
+        raise CltraceError("--node names a node of a graph: give --graph FILE too (or use --set L:F@P=V)")
     model = load_model(args.model, device=ctx.device, dtype=ctx.dtype)
     tc = load_transcoder(args.transcoders, device=ctx.device, dtype=ctx.dtype)
     out = intervene(model, tc, args.prompt, ivs, mode=args.mode, constrained_layers=args.constrained_layers,
-                    watch=args.watch or None, n_watch=args.n_watch, top=args.top)
+                    watch=args.watch or None, n_watch=args.n_watch, top=args.top, graph=args.graph)
     if args.generate:
         out["generation"] = intervene_generate(
-            model, tc, args.prompt, ivs, n_tokens=args.generate, mode=args.mode,
+            model, tc, out["prompt"], ivs, n_tokens=args.generate, mode=args.mode,
             constrained_layers=args.constrained_layers, temperature=args.temperature, seed=args.seed)
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
@@ -88,11 +99,22 @@ def format_report(out: dict) -> str:
     lines.append(f"\n  top token {t['token']!r}: logit {t['logit_before']:.3f} -> {t['logit_after']:.3f}, "
                  f"prob {t['prob_before']:.4f} -> {t['prob_after']:.4f}")
     if out["features"]:
-        lines.append("\n  feature            token          act before -> after   (pre-activation)")
+        graph = "graph" in out
+        lines.append("\n  feature            token          act before -> after   (pre-activation)"
+                     + ("   Δpre graph-predicted (direct)" if graph else ""))
         for f in out["features"]:
+            pred = f.get("pre_change_predicted_direct")
             lines.append(f"  {f['layer']:>3}:{f['feature']:<7}@{f['pos']:<4} {f['token']!r:<14} "
                          f"{f['act_before']:9.4f} -> {f['act_after']:<9.4f} ({f['pre_before']:.4f} -> "
-                         f"{f['pre_after']:.4f})")
+                         f"{f['pre_after']:.4f})" + (f"   {pred:+.4f}" if pred is not None else ""))
+    if "graph" in out:
+        lines.append("\n  logit − mean logit   measured Δ   graph-predicted Δ (direct effects only)")
+        for r in out["graph"]["logit_changes"]:
+            m = "n/a" if r["measured"] is None else f"{r['measured']:+.4f}"
+            lines.append(f"  {r['token']!r:<20} {m:>10}   {r['predicted_direct']:+.4f}")
+        if out["graph"]["changes_outside_graph"]:
+            lines.append(f"  (not graph nodes, so not in the prediction: "
+                         f"{', '.join(out['graph']['changes_outside_graph'][:8])})")
     g = out.get("generation")
     if g:
         lines.append(f"\n  original: {g['prompt']}{g['original']}")

@@ -15,6 +15,7 @@ from torch import Tensor
 from cltrace.errors import CltraceError
 from cltrace.interventions.engine import MODES, Clean, Run, clean_run, run_constrained, run_free, run_mode
 from cltrace.interventions.generate import generate
+from cltrace.interventions.graph import direct_prediction, graph_watch, load_graph, node_index
 from cltrace.interventions.spec import (
     FeatureRef,
     Intervention,
@@ -117,26 +118,41 @@ def _feature_rows(model, ids: Tensor, clean: Clean, run: Run, layer: int, featur
 
 @torch.no_grad()
 def intervene(
-    model: ModelAdapter, transcoder: Transcoder, prompt: str, interventions, *, mode: str = "constrained",
-    constrained_layers=None, watch=None, n_watch: int = 10, top: int = 10,
+    model: ModelAdapter, transcoder: Transcoder, prompt: str | None, interventions, *, mode: str = "constrained",
+    constrained_layers=None, watch=None, n_watch: int = 10, top: int = 10, graph=None,
 ) -> dict:
     """Run `prompt` with features set or scaled; report next-token and feature-activation changes.
 
     mode "constrained": inside the prompt's local replacement model (errors, attention patterns and norm
     denominators frozen); `constrained_layers` (list or "A:B") keep their clean activations.
     mode "free": in the real model, everything downstream recomputing.
-    watch: features to report ("L:F[@P]" or FeatureRef); default the n_watch most active reachable ones.
+    watch: features to report ("L:F[@P]" or FeatureRef); default the graph's most influential nodes when a
+    graph is given, else the n_watch most active features the interventions can reach.
+    graph: an attribution Graph of the same prompt (or its file); adds the graph's direct prediction.
     """
     tc = transcoder
+    if prompt is None and graph is not None:
+        from cltrace.attribution.graph import Graph
+
+        graph = graph if isinstance(graph, Graph) else Graph.load(graph)
+        prompt = graph.prompt
     ids, ivs, held = _prepare(model, tc, prompt, interventions, mode, constrained_layers)
+    if graph is not None:
+        graph = load_graph(graph, ids)
     clean = clean_run(model, tc, ids)
     run = run_free(model, tc, ids, ivs) if mode == "free" else run_constrained(model, tc, clean, ivs, held=held)
     before, after = clean.logits[-1], run.logits[-1]
-    refs = validate_refs(as_refs(watch), tc, ids.numel()) if watch else default_watch(clean, ivs, n_watch)
+    if watch:
+        refs = validate_refs(as_refs(watch), tc, ids.numel())
+    elif graph is not None:
+        first = (min(iv.layer for iv in ivs), min(1 if iv.pos is None else iv.pos for iv in ivs))
+        refs = graph_watch(graph, {(iv.layer, iv.feature, iv.pos) for iv in ivs}, n_watch, first)
+    else:
+        refs = default_watch(clean, ivs, n_watch)
     lb, la = top_tokens(model, before, top), top_tokens(model, after, top)
     pb, pa = torch.softmax(before.float(), -1), torch.softmax(after.float(), -1)
     tops = dict.fromkeys([r["id"] for r in lb] + [r["id"] for r in la])
-    return {
+    out = {
         "prompt": prompt,
         "tokens": model.decode(ids),
         "mode": mode,
@@ -160,6 +176,38 @@ def intervene(
             for r in refs for row in _feature_rows(model, ids, clean, run, r.layer, r.feature, r.pos)
         ],
     }
+    if graph is not None:
+        out["graph"] = _graph_report(model, graph, ivs, clean, run, out["features"])
+    return out
+
+
+def _graph_report(model, graph, ivs: list[Intervention], clean: Clean, run: Run, features: list[dict]) -> dict:
+    """The graph's direct prediction next to what was measured: logit nodes (logit − mean logit) and the
+    watched features that are graph nodes (pre-activation change, written into `features` rows)."""
+    index = node_index(graph)
+    changes, missing = {}, []
+    for iv in ivs:
+        for p in range(1, clean.ids.numel()) if iv.pos is None else [iv.pos]:
+            d = float(run.acts[iv.layer][p, iv.feature] - clean.acts[iv.layer][p, iv.feature])
+            if d == 0:
+                continue
+            key = (iv.layer, iv.feature, p)
+            if key in index:
+                changes[key] = d
+            else:
+                missing.append(f"{iv.layer}_{iv.feature}_{p}")
+    pred = direct_prediction(graph, changes)
+    nf = graph.n_features
+    for row in features:
+        i = index.get((row["layer"], row["feature"], row["pos"]))
+        row["pre_change_predicted_direct"] = None if i is None else float(pred[i])
+    demeaned = (run.logits[-1] - run.logits[-1].mean()) - (clean.logits[-1] - clean.logits[-1].mean())
+    logits = [{"token": label, "id": int(t), "predicted_direct": float(pred[nf + j]),
+               "measured": float(demeaned[int(t)]) if int(t) >= 0 else None}
+              for j, (t, label) in enumerate(zip(graph.logit_tokens.tolist(), graph.logit_labels))]
+    return {"logit_changes": logits, "changes_outside_graph": missing,
+            "note": "predicted_direct: Σ edge / activation × Δactivation over the changed graph nodes, the exact "
+                    "change with --constrained-layers all; logit values are logit − mean logit"}
 
 
 def intervene_generate(

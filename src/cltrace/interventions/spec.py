@@ -16,6 +16,7 @@ from cltrace.errors import CltraceError
 
 OPS = ("set", "scale")
 _SPEC = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*(?:@\s*(-?\d+)\s*)?(?:=\s*(\S+)\s*)?$")
+_NODE = re.compile(r"^\s*(\d+)_(\d+)_(\d+)\s*(?:=\s*(\S+)\s*)?$")  # a graph's feature node id "L_F_P"
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,13 @@ class FeatureRef:
 
 
 def parse_feature(text: str, *, what: str = "feature") -> tuple[int, int, int | None, str | None]:
-    """'L:F[@P][=V]' -> (layer, feature, pos or None, value text or None)."""
-    m = _SPEC.match(text)
+    """'L:F[@P][=V]', or a graph node id 'L_F_P[=V]' -> (layer, feature, pos or None, value text or None)."""
+    m = _SPEC.match(text) or _NODE.match(text)
     if not m:
+        hint = " (only feature nodes can be changed)" if re.search(r"_err_|^E_", text) else ""
         raise CltraceError(
-            f"cannot read {what} {text!r}: write LAYER:FEATURE[@POS]=VALUE, e.g. 3:1205@8=0 or 3:1205=-2"
+            f"cannot read {what} {text!r}{hint}: write LAYER:FEATURE[@POS]=VALUE, e.g. 3:1205@8=0 or 3:1205=-2, "
+            "or a graph's feature node id LAYER_FEATURE_POS=VALUE"
         )
     layer, feature, pos, value = m.groups()
     return int(layer), int(feature), None if pos is None else int(pos), value
