@@ -18,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 from cltrace.training.distributed import Dist, FailureGuard, init_distributed, prefetch, shutdown
+from cltrace.training.losses import auxk_acts
 from cltrace.training.sharding import (
     init_shard,
     load_shard,
@@ -26,13 +27,16 @@ from cltrace.training.sharding import (
     save_shard,
     shard_bounds,
     shard_transcoder,
+    sharded_auxk_acts,
     sharded_forward,
+    shared_parameters,
 )
 from cltrace.transcoders.io import load_transcoder
 from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
 
 L, D, F, N = 3, 8, 12, 16
 LAMBDA = 1e-2
+CLIP = 0.5  # small enough to clip: the global norm must be the same sharded or not
 
 
 # ---------------------------------------------------------------------- launching
@@ -92,11 +96,11 @@ def data(steps: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def train(tc: Transcoder, d: Dist, batches, lr: float = 1e-2, opt_state=None):
-    """Plain Adam on MSE + λ Σ_f a·‖W_dec‖, feature sums across shards, gradients averaged over data ranks."""
+    """Adam on MSE + λ Σ_f a·‖W_dec‖, clipped: feature sums across shards, gradients averaged over data ranks."""
     opt = torch.optim.Adam(tc.parameters(), lr=lr)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
-    losses = []
+    losses, norms = [], []
     for x, y in batches:
         x, y = d.split_batch(x, y)
         pre, acts, recon = sharded_forward(tc, x, d, sparse="never")
@@ -105,6 +109,7 @@ def train(tc: Transcoder, d: Dist, batches, lr: float = 1e-2, opt_state=None):
         loss = mse + LAMBDA * penalty
         loss.backward()
         d.average_gradients(tc.parameters())
+        norms.append(d.clip_grad_norm(tc.parameters(), CLIP, shared=shared_parameters(tc)))
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
@@ -118,6 +123,11 @@ def single_reference(activation: str, steps: int):
     return tc, losses
 
 
+def aux_inputs():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(N, L, F, generator=g), torch.rand(L, F, generator=g) < 0.5
+
+
 # ---------------------------------------------------------------------- workers
 def worker_train(rank: int, feature_shards: int, activation: str, steps: int):
     d = init_distributed(feature_shards, "cpu", timeout_s=60)
@@ -129,6 +139,11 @@ def worker_train(rank: int, feature_shards: int, activation: str, steps: int):
         _, _, recon = sharded_forward(tc.eval(), data(1, seed=9)[0][0], d)
     out = {"state": {k: v.detach().clone() for k, v in tc.state_dict().items()}, "losses": losses,
            "recon": recon, "comm": dict(d.comm_bytes), "fp_rank": d.fp_rank, "dp_rank": d.dp_rank}
+    if activation == "topk":  # the other global selections: AuxK over dead features, a layer's minimum
+        pre, dead = aux_inputs()
+        lo, hi = shard_bounds(F, d.fp_size)[d.fp_rank]
+        out["auxk"] = sharded_auxk_acts(pre[..., lo:hi], dead[:, lo:hi], 4, d)
+        out["min"] = d.reduce_over_features(pre[..., lo:hi].amin((0, 2)), "min")
     shutdown(d)
     return out
 
@@ -241,9 +256,16 @@ def test_feature_sharded_equals_unsharded(tmp_path, activation):
             torch.testing.assert_close(res["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
         torch.testing.assert_close(res["losses"], ref_losses, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(res["recon"], ref_recon, rtol=1e-5, atol=1e-5)
+    if activation == "topk":
+        pre, dead = aux_inputs()
+        for res in results:
+            lo, hi = shard_bounds(F, 2)[res["fp_rank"]]
+            torch.testing.assert_close(res["auxk"], auxk_acts(pre, dead, 4)[..., lo:hi])
+            torch.testing.assert_close(res["min"], pre.amin((0, 2)))
+        return
     comm = results[0]["comm"]
     assert comm["partial_recon"] == (steps + 1) * N * L * D * 4  # one [N, L, D] all-reduce per step (+ eval)
-    assert comm["feature_sums"] == steps * 4 and "grad" not in comm
+    assert comm["feature_sums"] == steps * 4 * 2 and "grad" not in comm  # penalty + gradient norm
 
 
 def test_sharded_checkpoint_merge_load(tmp_path):
@@ -291,3 +313,15 @@ def test_merge_shards_cli_and_load_transcoder_reads_shards(tmp_path):
     for k, v in full.state_dict().items():
         assert torch.equal(direct.state_dict()[k], v) and torch.equal(merged.state_dict()[k], v), k
     assert main(["-q", "merge-shards", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_clip_grad_norm_single_matches_torch():
+    tc = full_init(make_cfg())
+    x, y = data(1)[0]
+    _, recon = tc.train()(x)
+    ((recon - y) ** 2).mean().backward()
+    ref = torch.nn.utils.get_total_norm([p.grad for p in tc.parameters()])
+    norm = Dist().clip_grad_norm(tc.parameters(), 1e-3, shared=[tc.b_dec])
+    torch.testing.assert_close(norm, ref)
+    torch.testing.assert_close(torch.nn.utils.get_total_norm([p.grad for p in tc.parameters()]),
+                               torch.tensor(1e-3), rtol=1e-3, atol=0)

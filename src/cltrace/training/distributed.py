@@ -127,6 +127,29 @@ class Dist:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def clip_grad_norm(self, params: Iterable[torch.nn.Parameter], max_norm: float,
+                       shared: Iterable[torch.nn.Parameter] = ()) -> Tensor:
+        """Clip by the norm of the *whole* model's gradient; returns that norm (a tensor: no host sync).
+
+        Call after `average_gradients` (data ranks then hold the same gradients). Feature-sharded
+        parameters add their squares across the feature group; `shared` ones (b_dec, W_skip: replicated on
+        every shard, with equal gradients) are counted once. One scalar all-reduce per step.
+        """
+        params = [p for p in params if p.grad is not None]
+        shared_ids = {id(p) for p in shared}
+        own = [p.grad for p in params if id(p) not in shared_ids]
+        rep = [p.grad for p in params if id(p) in shared_ids]
+        sq = lambda gs: sum((g.float().pow(2).sum() for g in gs), torch.zeros((), device=self.device))  # noqa: E731
+        total = sq(own)
+        if self.fp_size > 1:
+            self.all_reduce(total, group=self.fp_group, kind="feature_sums")
+        norm = (total + sq(rep)).sqrt()
+        if max_norm > 0:
+            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for p in params:
+                p.grad.mul_(scale)
+        return norm
+
     # ------------------------------------------------------------------ feature sharded
     def sum_over_features(self, t: Tensor) -> Tensor:
         """Σ over feature shards, differentiable: all-reduce forward, identity backward.
@@ -138,6 +161,14 @@ class Dist:
         if self.fp_size == 1:
             return t
         return _SumAcrossShards.apply(t, self)
+
+    def reduce_over_features(self, t: Tensor, op: str = "sum") -> Tensor:
+        """Sum / min / max of a statistic over feature shards (no gradient): L0 per layer, a layer's smallest
+        kept activation. A no-op on one shard."""
+        if self.fp_size == 1:
+            return t
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        return self.all_reduce(t.detach().clone(), group=self.fp_group, op=ops[op], kind="metrics")
 
     def gather_features(self, t: Tensor) -> Tensor:
         """[..., k] from every feature rank -> [..., fp_size·k] (no gradient): candidates for a global top-k."""

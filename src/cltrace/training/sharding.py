@@ -142,6 +142,29 @@ def sharded_activate(tc: Transcoder, pre: Tensor, d: Dist, *, training: bool | N
     return torch.relu(pre) * keep
 
 
+def sharded_auxk_acts(pre: Tensor, dead: Tensor, k_aux: int, d: Dist) -> Tensor:
+    """AuxK's activations across shards: each token's k_aux largest positive pre-activations among the dead
+    features of *all* shards. pre [N, L, F_j], dead [L, F_j] bool -> [N, L, F_j]. One shard: `auxk_acts`."""
+    from cltrace.training.losses import auxk_acts
+
+    if d.fp_size == 1:
+        return auxk_acts(pre, dead, k_aux)
+    masked = pre.detach().masked_fill(~dead, float("-inf"))  # [N, L, F_j]
+    cand = masked.topk(min(k_aux, masked.shape[-1]), dim=-1).values  # [N, L, k]
+    kth = d.gather_features(cand).topk(k_aux, dim=-1).values[..., -1:]  # [N, L, 1] (−inf: fewer dead than k)
+    keep = (masked >= kth) & dead
+    return torch.relu(pre) * keep.to(pre.dtype)
+
+
+def make_transcoder(cfg: TranscoderConfig, d: Dist, *, seed: int = 0, device=None,
+                    dtype=torch.float32) -> Transcoder:
+    """The transcoder this rank trains: the whole one, or with feature shards only its own slice."""
+    if d.fp_size == 1:
+        torch.manual_seed(seed)
+        return Transcoder(cfg, device=device, dtype=dtype)
+    return init_shard(cfg, d.fp_rank, d.fp_size, seed=seed, device=device, dtype=dtype)
+
+
 def sharded_forward(tc: Transcoder, x: Tensor, d: Dist, *, sparse: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """x [N, L, D] -> (pre [N, L, F_j], acts [N, L, F_j], reconstruction [N, L, D] of the *whole* transcoder).
 
