@@ -31,6 +31,7 @@ class TrainConfig:
     context_len: int = 128  # tokens per sequence when streaming
     tokens: int = 1_000_000  # training tokens in total
     batch_size: int = 4096  # tokens per optimizer step (large: amortizes the optimizer over many tokens)
+    shuffle_buffer: int = 0  # rows held for shuffling when streaming (0 = the source's default, ~2 GB)
     norm_tokens: int = 8192  # tokens used to estimate the per-layer normalization scalars and variances
     # ------------------------------------------------------------------ optimizer and schedules
     lr: float = 1e-3  # peak AdamW learning rate
@@ -58,6 +59,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # fp32 | bf16 (autocast for the matmuls; weights and optimizer stay fp32)
     seed: int = 0
+    feature_shards: int = 1  # split every layer's features over this many processes (torchrun); resume with the same
     out: str = "runs/transcoder"  # output folder: transcoder, config, metrics, checkpoints, curves
     log_every: int = 10  # steps between metric lines in metrics.jsonl
     checkpoint_every: int = 100  # steps between checkpoints (0 = only at the end)

@@ -62,6 +62,7 @@ class Dist:
     fp_group: object = None  # ProcessGroup of the ranks seeing the same rows
     mesh: object = None  # the DeviceMesh, when distributed
     comm_bytes: dict = field(default_factory=lambda: defaultdict(int))  # collective kind -> bytes sent in
+    guard: FailureGuard | None = None  # set while a FailureGuard is active: checked once per step
 
     @property
     def is_main(self) -> bool:
@@ -100,6 +101,8 @@ class Dist:
         feature-sharded parameters must be averaged over the data group only. Missing gradients count as
         zeros so that every rank issues the same collectives.
         """
+        if self.guard is not None:
+            self.guard.check()  # once per step, before this step's collectives: stop if a peer has failed
         if self.dp_size == 1:
             return
         params = [p for p in params if p.requires_grad]
@@ -197,6 +200,13 @@ class Dist:
         self.all_reduce(t, group=self.dp_group, kind="metrics")
         return t / self.dp_size
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on some rank: decisions that must agree (time to checkpoint)."""
+        if not self.distributed:
+            return bool(flag)
+        t = torch.tensor([float(flag)], device=self.device)
+        return bool(self.all_reduce(t, op=dist.ReduceOp.MAX, kind="metrics").item())
+
     def broadcast_object(self, obj, src: int = 0):
         if not self.distributed:
             return obj
@@ -234,13 +244,17 @@ def env_world() -> tuple[int, int, int]:
 
 
 def init_distributed(feature_shards: int = 1, device: str | torch.device = "auto", *,
-                     timeout_s: float = 300.0) -> Dist:
+                     timeout_s: float | None = None) -> Dist:
     """Join the process group torchrun set up, build the [data, features] mesh; single-process without it.
 
     Backend: nccl when the device is CUDA, gloo otherwise. On CUDA each process takes GPU LOCAL_RANK.
-    timeout_s bounds every collective, so a rank whose peer died does not wait forever.
+    timeout_s bounds every collective, so a rank whose peer died does not wait forever (default: the
+    CLTRACE_DIST_TIMEOUT environment variable, else 1800 s: rank 0 writing a large checkpoint must fit).
     """
     from cltrace.runtime import resolve_device
+
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("CLTRACE_DIST_TIMEOUT", 1800))
 
     rank, world, local_rank = env_world()
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
@@ -275,6 +289,37 @@ def shutdown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
+# ---------------------------------------------------------------------- checkpoints
+def checkpoint_dir(out, d: Dist):
+    """Where this rank's training checkpoints live: `checkpoints/` (one copy, written by rank 0), or
+    `checkpoints/shard-J/` per feature shard J (written by the shard's data-rank-0)."""
+    from cltrace.training.checkpoint import checkpoint_root
+
+    root = checkpoint_root(out)
+    return root / f"shard-{d.fp_rank}" if d.fp_size > 1 else root
+
+
+def find_resume_checkpoint(out, d: Dist):
+    """This rank's newest checkpoint, checked to be at the same step on every rank (None: start afresh).
+
+    Shards write their checkpoints independently; a crash between two shards' writes leaves them at
+    different steps, which must not be mixed.
+    """
+    from pathlib import Path
+
+    from cltrace.training.checkpoint import latest_checkpoint
+
+    path = latest_checkpoint(checkpoint_dir(out, d)) if Path(out).exists() else None
+    if not d.distributed:
+        return path
+    steps = [None] * d.world
+    dist.all_gather_object(steps, path.name if path is not None else None)
+    if len(set(steps)) > 1:
+        raise CltraceError(f"the ranks' newest checkpoints in {out} differ ({sorted(set(map(str, steps)))}): a "
+                           "crash during checkpointing; delete the newer ones so that every shard has the same step")
+    return path
+
+
 # ---------------------------------------------------------------------- failing together
 class FailureGuard:
     """Make a failure on any rank stop every rank with the failing rank's message.
@@ -299,6 +344,7 @@ class FailureGuard:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> FailureGuard:
+        self.d.guard = self
         if self.store is not None:
             self._thread = threading.Thread(target=self._watch, name="cltrace-failure-watchdog", daemon=True)
             self._thread.start()
@@ -310,6 +356,7 @@ class FailureGuard:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._stop.set()
+        self.d.guard = None
         if exc is None or self.store is None or isinstance(exc, RankFailure):
             return False
         peer = self._read_error()

@@ -25,8 +25,6 @@ from torch import Tensor
 
 from cltrace.errors import CltraceError
 from cltrace.training.checkpoint import (
-    checkpoint_root,
-    latest_checkpoint,
     load_checkpoint,
     optimizer_from_flat,
     optimizer_to_flat,
@@ -34,7 +32,6 @@ from cltrace.training.checkpoint import (
 )
 from cltrace.training.config import CONFIG_FILE, TrainConfig
 from cltrace.training.losses import (
-    auxk_acts,
     auxk_loss,
     preact_loss,
     reconstruction_loss,
@@ -60,6 +57,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, source, *, model_name: str = "", dist=None, log=None):
         from cltrace.runtime import resolve_device
         from cltrace.training.distributed import Dist
+        from cltrace.training.sharding import make_transcoder
 
         cfg.validate()
         self.cfg, self.source = cfg, source
@@ -74,11 +72,12 @@ class Trainer:
             k=cfg.k, skip=cfg.skip, bandwidth=cfg.bandwidth, model_name=model_name,
         )
         torch.manual_seed(cfg.seed)
-        self.tc = Transcoder(tc_cfg, device=self.device).train()
+        # the whole transcoder, or with feature shards this rank's slice of every layer's features
+        self.tc = make_transcoder(tc_cfg, self.dist, seed=cfg.seed, device=self.device).train()
         self.params = [p for p in self.tc.parameters()]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                      foreach=True)
-        self.stats = FeatureStats(L, cfg.features_per_layer, device=self.device)
+        self.stats = FeatureStats(L, self.tc.n_features, device=self.device)  # this shard's features
         self.x_scale = torch.ones(L, device=self.device)  # [L] inputs are divided by these
         self.y_scale = torch.ones(L, device=self.device)  # [L] outputs too
         self.y_var = torch.ones(L, device=self.device)  # [L] variance of normalized outputs (loss weights)
@@ -155,6 +154,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
+        from cltrace.training.distributed import checkpoint_dir
+
         if not (self.dist.is_main or (self.dist.writes_shard and self.dist.fp_size > 1)):
             return None
         tensors = {f"tc.{k}": v for k, v in self.tc.state_dict().items()}
@@ -167,9 +168,7 @@ class Trainer:
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
         meta = {"optimizer": opt_meta, "tokens": self.step * self.cfg.batch_size, "config": self.cfg.to_dict(),
                 "source": self.source.state_dict() if hasattr(self.source, "state_dict") else None}
-        root = checkpoint_root(self.out)
-        if self.dist.fp_size > 1:
-            root = root / f"shard-{self.dist.fp_rank}"
+        root = checkpoint_dir(self.out, self.dist)
         self.last_checkpoint = save_checkpoint(root, self.step, tensors, meta, keep=self.cfg.keep_checkpoints)
         self._last_ckpt_time = time.monotonic()
         return self.last_checkpoint
@@ -182,12 +181,12 @@ class Trainer:
 
     def train_step(self, x: Tensor, y: Tensor) -> dict:
         """One optimizer step on raw activations x, y [N, L, D]; returns the step's metrics."""
-        from cltrace.training.sharding import sharded_forward
+        from cltrace.training.sharding import sharded_auxk_acts, sharded_forward, shared_parameters
 
         cfg, tc, d = self.cfg, self.tc, self.dist
+        x, y = d.split_batch(x, y)  # this data rank's rows, before they travel to the device
         x = x.to(self.device, torch.float32) / self.x_scale[:, None]
         y = y.to(self.device, torch.float32) / self.y_scale[:, None]
-        x, y = d.split_batch(x, y)
         lr = cfg.lr * lr_factor(self.step, cfg.steps, cfg.warmup, cfg.decay, cfg.min_lr)
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -205,8 +204,8 @@ class Trainer:
                 terms["preact"] = cfg.preact * d.sum_over_features(preact_loss(pre, tc.threshold, norms))
         elif cfg.auxk > 0:
             dead = self.stats.dead(cfg.dead_tokens)
-            if dead.any():
-                aux = auxk_acts(pre, dead, cfg.auxk_k or 2 * cfg.k)  # [N, L, F]
+            if d.reduce_over_features(dead.any().float(), "max") > 0:  # every shard takes the same branch
+                aux = sharded_auxk_acts(pre, dead, cfg.auxk_k or 2 * cfg.k, d)  # [N, L, F]
                 aux_recon = d.sum_over_features(decode_partial(tc, aux))  # [N, L, D] no bias
                 terms["auxk"] = cfg.auxk * auxk_loss(aux_recon, (y - recon).detach(), self.y_var)
         loss = sum(terms.values())
@@ -216,10 +215,8 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         d.average_gradients(self.params)
-        if cfg.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-        else:
-            gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+        # the whole model's gradient norm (summed over feature shards, b_dec/W_skip counted once); clip if > 0
+        gnorm = d.clip_grad_norm(self.params, cfg.grad_clip, shared=shared_parameters(tc))
         if not torch.isfinite(gnorm):
             self._diverged("gradient norm", gnorm, terms)
         self.opt.step()
@@ -227,7 +224,7 @@ class Trainer:
         with torch.no_grad():
             if cfg.activation == "batchtopk":
                 self._update_batchtopk_threshold(acts)
-            l0 = self.stats.update(acts)  # [L]
+            l0 = d.reduce_over_features(self.stats.update(acts))  # [L] summed over feature shards
         self.step += 1
         return {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "nmse_layers": nmse, "l0_layers": l0,
                 "lr": lr, "lambda": lam, "grad_norm": gnorm.item()}
@@ -236,6 +233,7 @@ class Trainer:
     def _update_batchtopk_threshold(self, acts: Tensor, decay: float = 0.99) -> None:
         """Inference threshold of BatchTopK: running mean of the smallest kept activation, per layer."""
         pos = torch.where(acts > 0, acts, torch.inf).amin(dim=(0, 2))  # [L]
+        pos = self.dist.reduce_over_features(pos, "min")  # every shard keeps the same per-layer threshold
         ok = torch.isfinite(pos)
         theta = self.tc.log_threshold.exp()[:, 0]
         new = torch.where(ok, decay * theta + (1 - decay) * pos, theta)
@@ -281,6 +279,8 @@ class Trainer:
                     t_last, tok_last = now, tokens
                 due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
                 late = cfg.checkpoint_minutes and time.monotonic() - self._last_ckpt_time > 60 * cfg.checkpoint_minutes
+                if d.distributed:  # all ranks must checkpoint the same steps: agree, at log steps only
+                    late = self.step % cfg.log_every == 0 and d.any(late)
                 if (due or late) and self.step < cfg.steps:
                     self.save_checkpoint()
         finally:
@@ -320,8 +320,13 @@ class Trainer:
             "tokens": self.step * cfg.batch_size, "steps": self.step, "config": CONFIG_FILE,
             "final_nmse": (last or {}).get("nmse"), "final_l0": (last or {}).get("l0"), **cfg.extra,
         }}
-        if self.dist.is_main and self.dist.fp_size == 1:
-            save_transcoder(tc, self.out)
+        if self.dist.fp_size > 1 and self.dist.writes_shard:  # shard files + shards.json: merge-shards joins them
+            from cltrace.training.sharding import save_shard
+
+            save_shard(tc, self.out)
+        if self.dist.is_main:
+            if self.dist.fp_size == 1:
+                save_transcoder(tc, self.out)
             if (self.out / METRICS_FILE).exists():
                 try:
                     plot_curves(self.out / METRICS_FILE, self.out / CURVES_FILE,
@@ -357,7 +362,9 @@ def open_source(cfg: TrainConfig, *, device=None, model=None):
         from cltrace.models.registry import DEFAULT_MODEL, load_model
 
         model = load_model(cfg.model or DEFAULT_MODEL, device=device or "cpu")
-    return StreamingActivations(model, cfg.corpus or None, context_len=cfg.context_len), model.name
+    src = StreamingActivations(model, cfg.corpus or None, context_len=cfg.context_len,
+                               buffer_tokens=cfg.shuffle_buffer or None)
+    return src, model.name
 
 
 def train(cfg: TrainConfig, *, source=None, model=None, model_name: str = "", resume: bool = False, dist=None,
@@ -369,10 +376,13 @@ def train(cfg: TrainConfig, *, source=None, model=None, model_name: str = "", re
     checkpoint there, start afresh. until_step: stop early after that step (tests, benchmarks).
     """
     from cltrace.runtime import resolve_device
+    from cltrace.training.distributed import FailureGuard, find_resume_checkpoint, init_distributed
 
     cfg.validate()
     out = Path(cfg.out)
-    ckpt = latest_checkpoint(checkpoint_root(out)) if out.exists() else None
+    if dist is None:  # under torchrun: join its process group; otherwise the single-process Dist
+        dist = init_distributed(cfg.feature_shards, cfg.device)
+    ckpt = find_resume_checkpoint(out, dist)
     if ckpt is not None and not resume:
         raise CltraceError(f"{out} already holds a training run (checkpoint {ckpt.name}): pass --resume to "
                            "continue it, or choose another --out")
@@ -381,16 +391,17 @@ def train(cfg: TrainConfig, *, source=None, model=None, model_name: str = "", re
     if source is None:
         source, model_name = open_source(cfg, device=resolve_device(cfg.device), model=model)
     model_name = model_name or getattr(model, "name", "") or cfg.model
-    trainer = Trainer(cfg, source, model_name=model_name, dist=dist, log=log)
+    trainer = Trainer(cfg, source, model_name=model_name, dist=dist, log=log if dist.is_main else None)
     out.mkdir(parents=True, exist_ok=True)
-    if ckpt is not None:
-        trainer.resume_from(ckpt)
-        trainer.log(f"resuming from {ckpt} (step {trainer.step} of {cfg.steps})")
-    else:
-        if trainer.dist.is_main:
-            cfg.save(out / CONFIG_FILE)
-        trainer.initialize()
-    last = trainer.run(until_step=until_step)
+    with FailureGuard(dist):  # a failure on any rank stops every rank with that rank's message
+        if ckpt is not None:
+            trainer.resume_from(ckpt)
+            trainer.log(f"resuming from {ckpt} (step {trainer.step} of {cfg.steps})")
+        else:
+            if trainer.dist.is_main:
+                cfg.save(out / CONFIG_FILE)
+            trainer.initialize()
+        last = trainer.run(until_step=until_step)
     if trainer.step < cfg.steps:
         return trainer.tc
     return trainer.finalize(last)
