@@ -1,0 +1,87 @@
+"""`cltrace train`: train a cross-layer or per-layer transcoder (a thin wrapper over cltrace.training.train)."""
+
+from __future__ import annotations
+
+# flag -> TrainConfig field, for the named options (all default to None: only given flags override)
+FLAGS = {
+    "model": "model", "kind": "kind", "features_per_layer": "features_per_layer", "tokens": "tokens",
+    "out": "out", "corpus": "corpus", "cache": "cache", "activation": "activation", "k": "k", "lr": "lr",
+    "sparsity": "sparsity", "batch_size": "batch_size", "context_len": "context_len", "skip": "skip",
+    "precision": "precision", "seed": "seed", "checkpoint_every": "checkpoint_every", "log_every": "log_every",
+}
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(
+        name, help="train a transcoder (CLT or PLT) on a model's MLP activations",
+        description="Train a cross-layer (clt) or per-layer (plt) transcoder. Writes DIR/config.json + "
+        "transcoder.safetensors (acting on raw activations), train_config.yaml, metrics.jsonl, curves.png "
+        "and checkpoints/. Options override --config FILE, which overrides the defaults.",
+    )
+    p.add_argument("--model", "-m", help="built-in name, model folder, .gguf file or hub id (default gemma-3-270m)")
+    p.add_argument("--kind", choices=["clt", "plt"], help="cross-layer or per-layer transcoder (default clt)")
+    p.add_argument("--features-per-layer", "-F", type=int, help="features per layer (default 2048)")
+    p.add_argument("--tokens", type=float, help="training tokens, e.g. 2e6 (default 1e6)")
+    p.add_argument("--out", "-o", help="output folder (default runs/transcoder)")
+    p.add_argument("--corpus", help="corpus spec: a file, 'large', or a hub dataset (default: the small built-in one)")
+    p.add_argument("--cache", metavar="DIR", help="train from this activation cache instead of running the model")
+    p.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON training config (fields of TrainConfig)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoint (its saved config is used)")
+    p.add_argument("--activation", choices=["jumprelu", "topk", "batchtopk", "relu"], help="default jumprelu")
+    p.add_argument("--k", type=int, help="active features per token and layer, for topk/batchtopk")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    p.add_argument("--sparsity", "--l0-coefficient", dest="sparsity", type=float,
+                   help="final λ of the tanh sparsity penalty (jumprelu/relu)")
+    p.add_argument("--batch-size", type=int, help="tokens per optimizer step (default 4096)")
+    p.add_argument("--context-len", type=int, help="tokens per context when streaming (default 128)")
+    p.add_argument("--skip", action="store_true", default=None, help="add a linear skip connection")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocasts the matmuls (default fp32)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
+    p.add_argument("--log-every", type=int, help="steps between metric lines (default 10)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="any other TrainConfig field, e.g. --set warmup=0.1 --set decay=linear (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def build_config(args):
+    """Defaults < --config FILE < the run's saved config (with --resume) < --set < named options."""
+    from pathlib import Path
+
+    from cltrace.training.config import CONFIG_FILE, TrainConfig, parse_assignments
+
+    cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
+    if args.resume:
+        out = Path(args.out or cfg.out)
+        if (out / CONFIG_FILE).exists():
+            cfg = TrainConfig.load(out / CONFIG_FILE)
+    cfg = cfg.override(parse_assignments(args.set))
+    given = {field: getattr(args, flag) for flag, field in FLAGS.items() if getattr(args, flag, None) is not None}
+    if "tokens" in given:
+        given["tokens"] = int(given["tokens"])
+    if args.no_progress or args.quiet:
+        given["progress"] = False
+    return cfg.override(given)
+
+
+def run(args, ctx) -> int:
+    from cltrace.training import train
+
+    cfg = build_config(args)
+    if cfg.device == "auto":
+        cfg = cfg.override({"device": str(ctx.device)})
+    cfg.validate()
+    model = None
+    if not cfg.cache:
+        from cltrace.models.registry import DEFAULT_MODEL, load_model
+
+        ctx.log(f"loading model {cfg.model or DEFAULT_MODEL}")
+        model = load_model(cfg.model or DEFAULT_MODEL, device=ctx.device, dtype=ctx.dtype)
+    ctx.log(f"training a {cfg.kind} ({cfg.activation}, {cfg.features_per_layer} features per layer) on "
+            f"{cfg.tokens:,} tokens, {cfg.steps} steps of {cfg.batch_size} tokens -> {cfg.out}")
+    train(cfg, model=model, resume=args.resume, log=ctx.log if ctx.verbose else None)
+    ctx.log(f"saved the transcoder, train_config.yaml, metrics.jsonl and curves.png in {cfg.out}")
+    print(cfg.out)
+    return 0
