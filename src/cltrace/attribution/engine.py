@@ -87,13 +87,13 @@ def constants(rep: LocalReplacement) -> tuple[list[Tensor], Tensor]:
 class RowComputer:
     """Rows of the edge matrix for batches of targets. Columns: [active features | errors (l·T+p) | tokens]."""
 
-    def __init__(self, rep: LocalReplacement, leaves: _Leaves, chunk_elems: int = 2**24):
+    def __init__(self, rep: LocalReplacement, leaves: _Leaves):
         self.rep, self.lv, self.tc = rep, leaves, rep.tc
         self.L, self.T, self.D = rep.mlp_out.shape
         self.nf = len(rep.features)
         self.n_cols = self.nf + (self.L + 1) * self.T
         self.slices = rep.features.layer_slices(self.L)
-        self.chunk_elems = chunk_elems
+        self.groups = self._build_groups()
 
     def __call__(self, seeds: list[tuple[int, int, Tensor]]) -> Tensor:
         """seeds: (read layer, L = final_normed; pos; input vector [D]) -> rows [B, n_cols] float32."""
@@ -124,21 +124,30 @@ class RowComputer:
         return rows
 
     def _feature_cols(self, G: Tensor, rows: Tensor, top: int) -> None:
-        """rows[:, k] = a_k Σ_j <G[:, l_k + j, p_k], W_dec[l_k][f_k, j]>: every decoder that reaches a target."""
-        feats, tc, B = self.rep.features, self.tc, G.shape[0]
+        """rows[:, k] = a_k Σ_j <G[:, l_k + j, p_k], W_dec[l_k][f_k, j]>: every decoder that reaches a target.
+
+        Grouped by (output layer, position): one [B, D] @ [D, n] product per group, no gathered copy of G.
+        """
         rows[:, : self.nf] = 0
+        for layer in range(min(top, self.L)):
+            for pos, cols, vecs in self.groups[layer]:
+                rows[:, cols] += G[:, layer, pos] @ vecs.T  # [B, D] @ [D, n]
+
+    def _build_groups(self) -> list[list[tuple[int, Tensor, Tensor]]]:
+        """Per output layer l: (pos, feature columns [n], decoder vectors a·W_dec[s][f, l − s] [n, D])."""
+        feats, tc = self.rep.features, self.tc
+        groups: list[list] = [[] for _ in range(self.L)]
         for s, sl in enumerate(self.slices):
-            n = sl.stop - sl.start
-            if n == 0 or s >= top:
+            if sl.stop == sl.start:
                 continue
-            k = min(tc.n_out(s), top - s)  # output layers that can reach a read point in this batch
-            Gs = G[:, s:s + k]  # [B, k, T, D]
-            step = max(1, self.chunk_elems // (B * k * self.D))
-            for c in range(sl.start, sl.stop, step):
-                e = min(c + step, sl.stop)
-                g = Gs[:, :, feats.pos[c:e]]  # [B, k, c, D]
-                w = tc.W_dec[s][feats.index[c:e], :k].float()  # [c, k, D]
-                rows[:, c:e] = torch.einsum("bkcd,ckd->bc", g, w) * feats.act[c:e].float()
+            vecs = tc.W_dec[s][feats.index[sl]].float() * feats.act[sl].float()[:, None, None]  # [n, n_out, D]
+            cols = torch.arange(sl.start, sl.stop, device=vecs.device)
+            pos = feats.pos[sl]
+            for j in range(tc.n_out(s)):
+                for p in pos.unique().tolist():
+                    m = pos == p
+                    groups[s + j].append((p, cols[m], vecs[m, j].contiguous()))
+        return groups
 
 
 def _influence_on_columns(rows: Tensor, row_col: Tensor, weights: Tensor, n_cols: int, max_iter: int = 128) -> Tensor:
@@ -184,7 +193,7 @@ def attribute(
     text = prompt if isinstance(prompt, str) else model.tokenizer.decode(ids.tolist())
 
     rep = build_replacement(model, tc, ids)
-    tgts = select_targets(model, rep.logits[-1], targets, max_n_logits=max_n_logits,
+    tgts = select_targets(model, rep.last_logits, targets, max_n_logits=max_n_logits,
                           desired_logit_prob=desired_logit_prob)
     timings["forward"] = time.perf_counter() - t0
 
@@ -238,8 +247,8 @@ def attribute(
     t3 = time.perf_counter()
     graph = _assemble(model, rep, tgts, torch.cat(row_blocks), visited, text, ids, fold_dropped, leaves)
     with torch.no_grad():
-        ref = model.logits(ids)[0, -1].float()
-        graph.meta["max_logit_error"] = float((rep.forward()[-1].float() - ref).abs().max())
+        ref = model.hf(input_ids=ids[None], logits_to_keep=1).logits[0, -1].float()  # the plain HF forward
+        graph.meta["max_logit_error"] = float((rep.forward(last_only=True)[-1].float() - ref).abs().max())
     timings["assemble"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
     graph.meta.update(seconds=timings, batch_size=B, n_active_features=nf, dtype=str(leaves.emb.dtype),

@@ -99,9 +99,10 @@ class Graph:
                    "row_constant": self.row_constant, "row_value": self.row_value}
         nnz = int((E != 0).sum())
         if nnz * 2 < E.numel():  # CSR: 4-byte index + 4-byte value per nonzero vs 4 bytes per entry
-            csr = E.to_sparse_csr()
-            tensors.update(edges_indptr=csr.crow_indices(), edges_indices=csr.col_indices().int(),
-                           edges_values=csr.values())
+            r, c = E.nonzero(as_tuple=True)  # row-major order
+            indptr = torch.zeros(E.shape[0] + 1, dtype=torch.long)
+            indptr[1:] = torch.bincount(r, minlength=E.shape[0]).cumsum(0)
+            tensors.update(edges_indptr=indptr, edges_indices=c.int(), edges_values=E[r, c])
             layout = "csr"
         else:
             tensors["edges"] = E
@@ -130,8 +131,10 @@ class Graph:
                 raise KeyError("format")
             shape = tuple(header["edges_shape"])
             if header["edges_layout"] == "csr":
-                edges = torch.sparse_csr_tensor(t["edges_indptr"], t["edges_indices"].long(), t["edges_values"],
-                                                size=shape).to_dense()
+                indptr = t["edges_indptr"]
+                r = torch.repeat_interleave(torch.arange(shape[0]), indptr[1:] - indptr[:-1])
+                edges = torch.zeros(shape)
+                edges[r, t["edges_indices"].long()] = t["edges_values"]
             else:
                 edges = t["edges"]
             g = cls(prompt=header["prompt"], input_ids=t["input_ids"], tokens=header["tokens"],

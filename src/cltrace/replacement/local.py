@@ -60,15 +60,16 @@ class LocalReplacement:
     skip: Tensor | None  # [L, T, D] skip term x @ W_skip at the reference inputs
     error: Tensor  # [L, T, D] true − reconstruction, 0 at position 0
     features: ActiveFeatures
-    logits: Tensor  # [T, V] the model's own logits
+    last_logits: Tensor  # [V] the model's own logits at the last position
 
     @property
     def n_pos(self) -> int:
         return int(self.ids.numel())
 
     @torch.no_grad()
-    def forward(self) -> Tensor:
-        """Run the replacement model itself (features re-encoded from its own stream) -> logits [T, V]."""
+    def forward(self, last_only: bool = False) -> Tensor:
+        """Run the replacement model itself (features re-encoded from its own stream) -> logits [T, V]
+        (or [1, V] for the last position only: the unembedding is the costly part for big vocabularies)."""
         tc, acts = self.tc, []
 
         def mlp(layer: int, resid_mid: Tensor, mlp_in: Tensor) -> Tensor:
@@ -87,7 +88,8 @@ class LocalReplacement:
             return out[None]
 
         fp = frozen_forward(self.model, self.embed[None], self.frozen, mlp)
-        return self.model.unembed(fp.final_normed)[0]
+        final = fp.final_normed[0, -1:] if last_only else fp.final_normed[0]
+        return self.model.unembed(final)
 
 
 def _sources(tc: Transcoder, layer: int) -> range:
@@ -134,7 +136,7 @@ def skip_term(tc: Transcoder, inputs: Tensor) -> Tensor:
 def build_replacement(model: ModelAdapter, tc: Transcoder, ids: Tensor) -> LocalReplacement:
     """One reference pass of `model` on ids [T] -> the local replacement model of that prompt."""
     check_fits(tc, model)
-    trace = model.forward(ids)
+    trace = model.forward(ids, compute_logits=False)
     point = input_point(tc)
     reads = trace.resid_mid if point == "resid_mid" else trace.mlp_in
     inputs = torch.stack([r[0] for r in reads])  # [L, T, D]
@@ -146,5 +148,6 @@ def build_replacement(model: ModelAdapter, tc: Transcoder, ids: Tensor) -> Local
     skip = skip_term(tc, inputs).to(mlp_out.dtype) if tc.W_skip is not None else None
     return LocalReplacement(
         model=model, tc=tc, ids=ids, point=point, frozen=trace.frozen.detach(), embed=trace.embed[0],
-        inputs=inputs, mlp_out=mlp_out, skip=skip, error=error, features=feats, logits=trace.logits[0],
+        inputs=inputs, mlp_out=mlp_out, skip=skip, error=error, features=feats,
+        last_logits=model.unembed(trace.final_normed[0, -1]),
     )

@@ -1,0 +1,44 @@
+"""The local replacement model reproduces the model's logits exactly, for CLTs and PLTs on every family."""
+
+import pytest
+import torch
+
+from cltrace.models.tiny import FAMILY_NAMES, tiny_model
+from cltrace.replacement import build_replacement, random_transcoder
+
+PROMPT = "Fact: Michael Jordan plays the sport of"
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def model(request):
+    return tiny_model(request.param)
+
+
+@pytest.mark.parametrize("kind", ["clt", "plt"])
+def test_replacement_reproduces_logits(model, kind):
+    ids = model.tokenize(PROMPT)
+    tc = random_transcoder(model, kind, n_features=128, active_per_layer=20, ids=ids, skip=kind == "plt")
+    rep = build_replacement(model, tc, ids)
+    ref = model.logits(ids)[0]  # the plain HF forward
+    assert torch.allclose(rep.forward(), ref, atol=1e-5, rtol=0)
+    # realistic sparsity: ~20 active per layer, none at BOS, and the error is not trivially zero
+    n = torch.bincount(rep.features.layer, minlength=model.n_layers)
+    assert ((n >= 15) & (n <= 25)).all(), n
+    assert (rep.features.pos > 0).all()
+    assert rep.error[:, 0].abs().max() == 0 and rep.error[:, 1:].abs().max() > 0
+
+
+def test_replacement_reads_resid_mid(model):
+    """circuit-tracer's CLTs read the residual stream before the MLP norm."""
+    ids = model.tokenize(PROMPT)
+    tc = random_transcoder(model, "clt", 64, 10, ids=ids, input_hook="resid_mid")
+    rep = build_replacement(model, tc, ids)
+    assert rep.point == "resid_mid"
+    assert torch.allclose(rep.forward(), model.logits(ids)[0], atol=1e-5, rtol=0)
+
+
+def test_random_transcoder_is_deterministic(model):
+    ids = model.tokenize(PROMPT)
+    a = random_transcoder(model, "plt", 32, 5, seed=3, ids=ids)
+    b = random_transcoder(model, "plt", 32, 5, seed=3, ids=ids)
+    assert torch.equal(a.W_enc, b.W_enc) and torch.equal(a.log_threshold, b.log_threshold)
