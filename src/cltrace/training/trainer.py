@@ -260,6 +260,8 @@ class Trainer:
         for _ in range(getattr(self, "_skip_batches", 0)):
             next(batches)
         self._skip_batches = 0
+        if d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         log_file = MetricsLog(self.out / METRICS_FILE, enabled=d.is_main,
                               resume_step=self.step if self.step > 0 else None)
         bar = _progress(cfg, d, self.step, total)

@@ -1,0 +1,321 @@
+"""Transcoder training and evaluation: loss formulas, STE gradients, sparse decode, normalization folding,
+resume, NaN handling, the perfect-transcoder evaluation, and the CLI round trip. Tiny sizes, no network."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from cltrace.errors import CltraceError
+from cltrace.training import InMemoryActivations, TrainConfig, Trainer, TrainingDiverged, evaluate, train
+from cltrace.training.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint
+from cltrace.training.losses import preact_loss, reconstruction_loss, tanh_sparsity
+from cltrace.training.metrics import read_metrics
+from cltrace.training.schedule import lr_factor, sparsity_factor
+from cltrace.training.sparse import decode_mask, decode_partial, finish_decode
+from cltrace.transcoders.activations import jumprelu
+from cltrace.transcoders.io import load_transcoder
+from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
+
+L, D, F = 3, 8, 16
+
+
+def make_tc(kind="clt", activation="jumprelu", skip=False, seed=0, **kw) -> Transcoder:
+    torch.manual_seed(seed)
+    tc = Transcoder(TranscoderConfig(kind=kind, n_layers=L, d_model=D, n_features=F, activation=activation,
+                                     k=kw.pop("k", 3), skip=skip, bandwidth=kw.pop("bandwidth", 0.3)))
+    with torch.no_grad():
+        tc.log_threshold.fill_(math.log(0.3))
+        tc.b_dec.normal_()
+        if skip:
+            tc.W_skip.normal_(std=0.1)
+    return tc
+
+
+def synthetic(n=512, seed=0, noise=0.05):
+    """x [n, L, D] and y = a sparse-ish nonlinear function of x, so a transcoder can learn it."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, L, D, generator=g) * torch.tensor([1.0, 3.0, 0.5])[None, :, None]
+    W = torch.randn(L, D, D, generator=g) / math.sqrt(D)
+    y = torch.relu(torch.einsum("nld,lde->nle", x, W)) * torch.tensor([2.0, 0.5, 1.0])[None, :, None]
+    return x, y + noise * torch.randn(n, L, D, generator=g)
+
+
+def cfg_for(tmp_path, name="run", **kw) -> TrainConfig:
+    base = dict(kind="clt", features_per_layer=F, tokens=64 * 30, batch_size=64, out=str(tmp_path / name),
+                progress=False, log_every=5, checkpoint_every=10, init_l0=4, norm_tokens=256, lr=3e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ---------------------------------------------------------------------- losses
+def test_loss_formulas_match_direct_computation():
+    torch.manual_seed(0)
+    N = 5
+    recon, y = torch.randn(N, L, D), torch.randn(N, L, D)
+    var = torch.rand(L) + 0.5
+    total, nmse = reconstruction_loss(recon, y, var)
+    direct = [sum(((recon[n, l] - y[n, l]) ** 2).sum() for n in range(N)) / N / var[l] for l in range(L)]
+    assert torch.allclose(nmse, torch.stack(direct), atol=1e-5)
+    assert torch.allclose(total, torch.stack(direct).sum(), atol=1e-5)
+
+    acts = torch.relu(torch.randn(N, L, F))
+    norms = torch.rand(L, F)
+    c = 2.5
+    direct = sum(math.tanh(c * norms[l, i] * acts[n, l, i]) for n in range(N) for l in range(L) for i in range(F)) / N
+    assert tanh_sparsity(acts, norms, c).item() == pytest.approx(direct, rel=1e-5)
+
+    pre, theta = torch.randn(N, L, F), torch.rand(L, F)
+    direct = sum(max(0.0, theta[l, i] - pre[n, l, i]) * norms[l, i]
+                 for n in range(N) for l in range(L) for i in range(F)) / N
+    assert preact_loss(pre, theta, norms).item() == pytest.approx(float(direct), rel=1e-5)
+
+
+def test_decoder_norm_concatenates_target_layers():
+    tc = make_tc()
+    for s in range(L):
+        want = torch.cat([tc.W_dec[s][:, t] for t in range(L - s)], dim=1).norm(dim=1)
+        assert torch.allclose(tc.decoder_norms()[s], want)
+
+
+def test_schedules():
+    assert lr_factor(0, 100, 0.1, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 0.1, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_factor(99, 100, 0.1, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(99, 100, 0.1, "linear", 0.0) == pytest.approx(0.0)
+    assert lr_factor(50, 100, 0.0, "constant", 0.1) == 1.0
+    assert [sparsity_factor(s, 10, 0.5) for s in (0, 4, 9)] == [0.2, 1.0, 1.0]
+
+
+# ---------------------------------------------------------------------- STE and sparse decode
+def test_threshold_gradient_only_near_threshold():
+    pre = torch.linspace(-1, 2, 61)
+    theta = torch.tensor(0.5, requires_grad=True)
+    bw = 0.2
+    out = jumprelu(pre, theta, bw)
+    grads = [torch.autograd.grad(out[i], theta, retain_graph=True)[0].item() for i in range(len(pre))]
+    for p, g in zip(pre.tolist(), grads):
+        if abs(p - 0.5) < bw / 2 - 1e-6:
+            assert g == pytest.approx(-0.5 / bw)
+        elif abs(p - 0.5) > bw / 2 + 1e-6:
+            assert g == 0.0
+
+
+@pytest.mark.parametrize("kind,activation,skip", [("clt", "jumprelu", False), ("plt", "jumprelu", True),
+                                                   ("clt", "topk", False), ("clt", "relu", False)])
+def test_sparse_decode_equals_dense_in_value_and_gradient(kind, activation, skip):
+    tc = make_tc(kind, activation, skip)
+    x, y = synthetic(32)
+    results = []
+    for sparse in (True, False):
+        tc.zero_grad()
+        pre = tc.pre_acts(x)
+        acts = tc.activate(pre)
+        mask = decode_mask(tc, acts, pre)
+        recon = finish_decode(tc, decode_partial(tc, acts, mask, sparse=sparse), x)
+        ((recon - y) ** 2).sum().backward()
+        results.append((recon.detach(), {n: p.grad.clone() for n, p in tc.named_parameters() if p.grad is not None}))
+    (r1, g1), (r2, g2) = results
+    assert 0 < (tc.activate(tc.pre_acts(x)) != 0).float().mean() < 0.9
+    assert torch.allclose(r1, r2, atol=1e-5)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        assert torch.allclose(g1[name], g2[name], atol=1e-4, rtol=1e-4), name
+    if activation == "jumprelu":
+        assert g1["log_threshold"].abs().sum() > 0  # the near-threshold features reached θ
+    # and the module's own decode agrees
+    assert torch.allclose(r1, tc.decode(tc.activate(tc.pre_acts(x)), x), atol=1e-5)
+
+
+# ---------------------------------------------------------------------- normalization
+def test_folded_normalization_gives_identical_reconstructions():
+    tc = make_tc("clt", "jumprelu", skip=True)
+    x, _ = synthetic(16)
+    xs, ys = torch.tensor([0.5, 3.0, 1.5]), torch.tensor([2.0, 0.25, 4.0])
+    with torch.no_grad():
+        _, r_norm = tc(x / xs[:, None])
+        tc.fold_normalization(xs, ys)
+        _, r_raw = tc(x)
+    assert torch.allclose(r_norm * ys[:, None], r_raw, atol=1e-5)
+
+
+def test_trained_transcoder_acts_on_raw_activations(tmp_path):
+    x, y = synthetic(512)
+    cfg = cfg_for(tmp_path, tokens=64 * 4)
+    trainer = Trainer(cfg, InMemoryActivations(x, y))
+    trainer.initialize()
+    trainer.run()
+    folded = trainer.finalize()
+    trainer.tc.eval()
+    with torch.no_grad():
+        _, r_norm = trainer.tc(x[:32] / trainer.x_scale[:, None])
+        _, r_raw = folded(x[:32])
+    assert torch.allclose(r_norm * trainer.y_scale[:, None], r_raw, atol=1e-4)
+    assert (trainer.x_scale - torch.tensor([1.0, 3.0, 0.5])).abs().max() < 0.2  # estimated from the data
+    loaded = load_transcoder(cfg.out)
+    assert torch.equal(loaded.W_enc, folded.W_enc)
+
+
+# ---------------------------------------------------------------------- training
+@pytest.mark.parametrize("kind,activation,k", [("clt", "jumprelu", 0), ("plt", "topk", 3), ("clt", "batchtopk", 3)])
+def test_training_decreases_the_loss(tmp_path, kind, activation, k):
+    x, y = synthetic(1024)
+    cfg = cfg_for(tmp_path, kind=kind, activation=activation, k=k, tokens=128 * 40, batch_size=128, sparsity=1e-4,
+                  lr=1e-2, auxk=1 / 32 if k else 0.0)
+    train(cfg, source=InMemoryActivations(x, y), model_name="synthetic")
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["nmse"] < 0.75 * rows[0]["nmse"] and rows[-1]["nmse"] < 0.7
+    assert all(k in rows[-1] for k in ("nmse_layers", "l0_layers", "dead_fraction", "dense_fraction", "recon"))
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "train_config.yaml").exists()
+    tc = load_transcoder(tmp_path / "run")
+    assert tc.cfg.model_name == "synthetic" and tc.cfg.extra["training"]["steps"] == 40
+    if activation == "batchtopk":  # inference uses the learned threshold: about k features per token
+        acts, _ = tc(x[:256])
+        assert 0.3 * k < (acts != 0).sum(-1).float().mean() < 3 * k
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    x, y = synthetic(512)
+    full = train(cfg_for(tmp_path, "a"), source=InMemoryActivations(x, y))
+    cfg_b = cfg_for(tmp_path, "b")
+    train(cfg_b, source=InMemoryActivations(x, y), until_step=10)  # "interrupted" after a checkpoint at 10
+    assert latest_checkpoint(checkpoint_root(cfg_b.out)).name == "step-000000010"
+    with pytest.raises(CltraceError, match="--resume"):
+        train(cfg_b, source=InMemoryActivations(x, y))
+    resumed = train(cfg_b, source=InMemoryActivations(x, y), resume=True)
+    for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0), n
+    a = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert a[-1]["loss"] == pytest.approx(b[-1]["loss"], rel=1e-5)
+    with pytest.raises(CltraceError, match="different training config"):
+        train(cfg_for(tmp_path, "b", lr=1.0), source=InMemoryActivations(x, y), resume=True)
+
+
+def test_checkpoint_holds_no_pickle(tmp_path):
+    x, y = synthetic(256)
+    train(cfg_for(tmp_path), source=InMemoryActivations(x, y), until_step=10)
+    path = latest_checkpoint(checkpoint_root(tmp_path / "run"))
+    assert sorted(p.name for p in path.iterdir()) == ["state.json", "state.safetensors"]
+    tensors, meta = load_checkpoint(path)
+    assert meta["step"] == 10 and "optim.0.exp_avg" in tensors and meta["source"]["rows"] == 640
+
+
+class NaNAfter(InMemoryActivations):
+    def __init__(self, x, y, bad_batch):
+        super().__init__(x, y)
+        self.bad_batch = bad_batch
+
+    def batches(self, batch_size, *, seed=0, track=True):
+        for i, (x, y) in enumerate(super().batches(batch_size, seed=seed, track=track)):
+            if track and i == self.bad_batch:
+                x = x.clone()
+                x[0, 0, 0] = float("nan")
+            yield x, y
+
+
+def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
+    x, y = synthetic(512)
+    cfg = cfg_for(tmp_path)
+    with pytest.raises(TrainingDiverged, match=r"step 13: the loss became nan.*step-000000010.*step 10"):
+        train(cfg, source=NaNAfter(x, y, bad_batch=13))
+    path = latest_checkpoint(checkpoint_root(cfg.out))
+    assert path.name == "step-000000010"
+    tensors, meta = load_checkpoint(path)
+    assert all(torch.isfinite(t).all() for k, t in tensors.items() if t.is_floating_point())
+    assert not (tmp_path / "run" / "transcoder.safetensors").exists()
+
+
+def test_config_files_and_overrides(tmp_path):
+    cfg = TrainConfig(kind="plt", lr=1e-4, betas=(0.8, 0.9))
+    cfg.save(tmp_path / "c.yaml")
+    assert TrainConfig.load(tmp_path / "c.yaml") == cfg
+    (tmp_path / "c.toml").write_text('kind = "plt"\ntokens = 5000\nlr = 0.01\n')
+    t = TrainConfig.load(tmp_path / "c.toml")
+    assert (t.kind, t.tokens, t.lr) == ("plt", 5000, 0.01)
+    o = cfg.override({"tokens": "2e6", "skip": "true", "lr": "3e-4"})
+    assert (o.tokens, o.skip, o.lr) == (2_000_000, True, 3e-4)
+    with pytest.raises(CltraceError, match="unknown training option"):
+        cfg.override({"nope": 1})
+    with pytest.raises(CltraceError, match="needs --k"):
+        TrainConfig(activation="topk").validate()
+
+
+# ---------------------------------------------------------------------- evaluation
+def relu_gpt2():
+    """A tiny GPT-2 whose MLP is ReLU(x W_in + b_in) W_out + b_out: exactly a PLT with ReLU features."""
+    from transformers import AutoModelForCausalLM
+
+    from cltrace.models.adapter import ModelAdapter
+    from cltrace.models.tiny import byte_tokenizer, tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config("gpt2")
+    config.activation_function = "relu"
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(4.0) if p.dim() > 1 else p.add_(0.1 * torch.randn_like(p))
+    return ModelAdapter(hf, byte_tokenizer(), "relu-gpt2")
+
+
+def test_perfect_transcoder_gives_zero_ce_increase():
+    model = relu_gpt2()
+    mlps = [b.mlp for b in model.blocks]
+    F4 = mlps[0].c_fc.weight.shape[1]
+    tc = Transcoder(TranscoderConfig(kind="plt", n_layers=model.n_layers, d_model=model.d_model, n_features=F4,
+                                     activation="relu", model_name=model.name))
+    with torch.no_grad():
+        for l, m in enumerate(mlps):
+            tc.W_enc[l].copy_(m.c_fc.weight)  # Conv1D weights are [in, out]
+            tc.b_enc[l].copy_(m.c_fc.bias)
+            tc.W_dec[l][:, 0].copy_(m.c_proj.weight)
+            tc.b_dec[l].copy_(m.c_proj.bias)
+    ids = torch.randint(0, 256, (4, 24))
+    ids[:, 0] = model.tokenizer.bos_token_id
+    r = evaluate(model, tc, ids=ids, batch_size=2)
+    assert r["nmse"] < 1e-8 and r["explained_variance"] > 1 - 1e-6
+    assert abs(r["ce_increase"]) < 1e-4 and r["kl"] < 1e-6 and r["top1_agreement"] == 1.0
+    assert len(r["nmse_layers"]) == model.n_layers and 0 < r["l0"] <= F4
+    # a damaged transcoder is seen as such
+    with torch.no_grad():
+        tc.W_dec[1].mul_(0.0)
+    r = evaluate(model, tc, ids=ids)
+    assert r["nmse_layers"][1] > 0.5 and r["kl"] > 1e-4 and r["ce_increase"] != 0
+
+
+# ---------------------------------------------------------------------- CLI
+def test_cli_train_eval_round_trip(tmp_path, capsys):
+    from cltrace.cli import main
+    from cltrace.models.tiny import save_tiny
+
+    model_dir = save_tiny("llama", tmp_path / "tiny")
+    out = tmp_path / "tc"
+    rc = main(["-q", "train", "--model", str(model_dir), "--kind", "clt", "-F", "32", "--tokens", "1024",
+               "--batch-size", "256", "--out", str(out), "--context-len", "64", "--set", "shuffle_buffer=512",
+               "--set", "norm_tokens=256"])
+    assert rc == 0 and (out / "transcoder.safetensors").exists() and (out / "train_config.yaml").exists()
+    capsys.readouterr()
+    assert main(["eval", str(out), "--model", str(model_dir), "--tokens", "256", "--context-len", "64",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for key in ("nmse", "explained_variance", "l0", "dead_fraction", "ce_increase", "kl", "top1_agreement",
+                "nmse_layers", "l0_layers"):
+        assert key in res
+    assert len(res["nmse_layers"]) == 4 and 0 <= res["top1_agreement"] <= 1
+    # resume of a finished run is a no-op that leaves the result in place
+    assert main(["-q", "train", "--out", str(out), "--resume", "--model", str(model_dir)]) == 0
+
+
+def test_cli_errors_are_one_liners(tmp_path, capsys):
+    from cltrace.cli import main
+
+    assert main(["train", "--activation", "topk", "--out", str(tmp_path / "x")]) == 2
+    assert "needs --k" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing"), "--model", "x"]) == 2
+    assert "no transcoder folder" in capsys.readouterr().err
