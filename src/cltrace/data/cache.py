@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cltrace.data.activations import StreamingActivations
+from cltrace.data.activations import StreamingActivations, default_buffer_tokens
 from cltrace.data.shuffle import Block, BlockSource
 from cltrace.data.tokens import CorpusLike
 from cltrace.errors import CltraceError
@@ -99,7 +99,8 @@ def write_activation_cache(
     row_bytes = L * D * 2
     shard_tokens = shard_tokens or max(1, int(shard_mb * 2**20 // row_bytes))
     source = StreamingActivations(
-        model, corpus, context_len=context_len, buffer_tokens=buffer_tokens, model_batch=model_batch,
+        model, corpus, context_len=context_len, model_batch=model_batch,
+        buffer_tokens=buffer_tokens or min(n_tokens, default_buffer_tokens(L, D)),
         keep_special=keep_special, outlier_factor=outlier_factor, split=split, heldout_frac=heldout_frac,
         loop=True,
     )
@@ -191,8 +192,6 @@ class CachedActivations(BlockSource):
 
     def __init__(self, folder: str | os.PathLike, *, model=None, buffer_tokens: int | None = None,
                  verify: bool = False, buffer_mb: float = 2048.0):
-        from cltrace.data.activations import default_buffer_tokens
-
         self.folder = Path(folder)
         self.manifest = m = read_manifest(self.folder)
         self.n_layers, self.d_model = int(m["n_layers"]), int(m["d_model"])

@@ -162,13 +162,14 @@ class ContextStream:
         if not self._ensure():
             raise StopIteration
         ctx: list[int] = [] if self._unit[self._off] == self.bos else [self.bos]
+        n0 = len(ctx)
         while len(ctx) < self.context_len:
             if not self._ensure():
                 raise StopIteration  # a last partial context is dropped
             take = min(self.context_len - len(ctx), len(self._unit) - self._off)
             ctx.extend(self._unit[self._off:self._off + take])
             self._off += take
-            self.tokens_read += take
+        self.tokens_read += len(ctx) - n0
         return ctx
 
     def take(self, n: int) -> list[list[int]]:
