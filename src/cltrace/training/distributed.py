@@ -173,6 +173,12 @@ class Dist:
         ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
         return self.all_reduce(t.detach().clone(), group=self.fp_group, op=ops[op], kind="metrics")
 
+    def from_first_shard(self, t: Tensor) -> Tensor:
+        """Feature shard 0's value of `t` on every shard (its features 0.. are the unsharded model's first)."""
+        if self.fp_size == 1:
+            return t
+        return self.reduce_over_features(t if self.fp_rank == 0 else torch.zeros_like(t))
+
     def gather_features(self, t: Tensor) -> Tensor:
         """[..., k] from every feature rank -> [..., fp_size·k] (no gradient): candidates for a global top-k."""
         if self.fp_size == 1:

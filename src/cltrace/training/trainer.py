@@ -236,7 +236,7 @@ class Trainer:
         pos = torch.where(acts > 0, acts, torch.inf).amin(dim=(0, 2))  # [L]
         pos = self.dist.reduce_over_features(pos, "min")  # every shard keeps the same per-layer threshold
         ok = torch.isfinite(pos)
-        theta = self.tc.log_threshold.exp()[:, 0]
+        theta = self.dist.from_first_shard(self.tc.log_threshold.exp()[:, 0])  # feature 0 of the whole layer
         new = torch.where(ok, decay * theta + (1 - decay) * pos, theta)
         self.tc.log_threshold.copy_(new.clamp_min(1e-6).log()[:, None].expand_as(self.tc.log_threshold))
 
