@@ -53,11 +53,11 @@ def test_noop_reproduces_logits_exactly(family, kind, skip):
         clean = clean_run(model, tc, model.tokenize(PROMPT))
         f, p, a = active_feature(clean, 1)
         noop = [Intervention(1, f, a, p), Intervention(2, 5, 1.0, None, "scale"), Intervention(0, 3, 1.0, 2, "scale")]
-        ref = clean.logits
-        assert torch.equal(run_constrained(model, tc, clean, noop).logits, ref)
-        assert torch.equal(run_constrained(model, tc, clean, noop, held={0, 1, 2}).logits, ref)
-        assert torch.equal(run_free(model, tc, clean.ids, noop).logits, ref)
-    torch.testing.assert_close(ref, model.logits(clean.ids)[0], rtol=1e-4, atol=1e-4)
+        ref = clean.last_logits
+        assert torch.equal(run_constrained(model, tc, clean, noop).last_logits, ref)
+        assert torch.equal(run_constrained(model, tc, clean, noop, held={0, 1, 2}).last_logits, ref)
+        assert torch.equal(run_free(model, tc, clean.ids, noop).last_logits, ref)
+    torch.testing.assert_close(ref, model.logits(clean.ids)[0, -1], rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------- (a) the graph's prediction holds
@@ -71,7 +71,7 @@ def test_all_layers_held_is_linear_and_matches_direct_patch(family):
         clean = clean_run(model, tc, model.tokenize(PROMPT))
         f, p, a = active_feature(clean, 0)
         watch = [(2, 7, p), (3, 1, clean.ids.numel() - 1), (1, 0, p), (0, 1, p)]
-        tok = int(clean.logits[-1].argmax())
+        tok = int(clean.last_logits.argmax())
         delta = 1.7
         run = run_constrained(model, tc, clean, [Intervention(0, f, a + delta, p)], held=set(range(L)))
         # the same thing written directly: clean MLP outputs plus delta · decoder, frozen attention and norms
@@ -90,8 +90,8 @@ def test_all_layers_held_is_linear_and_matches_direct_patch(family):
         measured = float(run.pre[wl][wp, wf] - clean.pre[wl][wp, wf])
         assert math.isclose(float(run.pre[wl][wp, wf]), float(expect_pre), rel_tol=1e-4, abs_tol=1e-5)
         assert math.isclose(measured, g * delta, rel_tol=1e-3, abs_tol=1e-5)
-    torch.testing.assert_close(run.logits, direct.logits[0], rtol=1e-4, atol=1e-4)
-    measured = float(run.logits[-1, tok] - clean.logits[-1, tok])
+    torch.testing.assert_close(run.last_logits, direct.logits[0, -1], rtol=1e-4, atol=1e-4)
+    measured = float(run.last_logits[tok] - clean.last_logits[tok])
     if not getattr(model.config, "final_logit_softcapping", None):  # logits linear too, up to rounding
         assert math.isclose(measured, d_logit * delta, rel_tol=1e-3, abs_tol=1e-4)
     assert d_pre[3] == 0.0 and run.pre[0][p, 1] == clean.pre[0][p, 1]  # a layer does not read its own output
@@ -104,7 +104,7 @@ def test_first_order_matches_small_constrained_change(llama):
     with torch.no_grad():
         clean = clean_run(model, tc, model.tokenize(PROMPT))
     f, p, a = active_feature(clean, 0)
-    tok = int(clean.logits[-1].argmax())
+    tok = int(clean.last_logits.argmax())
     watch = [(3, f2, clean.ids.numel() - 1) for f2 in range(4)]
     d_logit, d_pre = first_order(model, tc, clean, 0, f, p, logit=tok, watch=watch)
     # frozen attention and norms: the replacement model is exactly linear while no feature crosses its threshold
@@ -113,7 +113,7 @@ def test_first_order_matches_small_constrained_change(llama):
             run = run_constrained(model, tc, clean, [Intervention(0, f, a + eps, p)])
         if all(torch.equal(r != 0, c != 0) for r, c in zip(run.acts[1:], clean.acts[1:])):
             break
-    measured = float(run.logits[-1, tok] - clean.logits[-1, tok])
+    measured = float(run.last_logits[tok] - clean.last_logits[tok])
     assert abs(d_logit) > 1e-3
     assert math.isclose(measured, d_logit * eps, rel_tol=2e-2, abs_tol=1e-6)
     for (wl, wf, wp), g in zip(watch, d_pre):
@@ -146,7 +146,7 @@ def test_free_equals_decoder_patch_of_mlp_outputs(family, pos):
             return mlp_out + (d_f[:, None] * W[f, k] + d_g[:, None] * W[g, k])[None]
 
         ref = model.forward(clean.ids, mlp_hook=patch)
-    torch.testing.assert_close(run.logits, ref.logits[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run.last_logits, ref.logits[0, -1], rtol=1e-5, atol=1e-5)
     for layer in range(s + 1, model.n_layers):  # later features are re-encoded from the live inputs
         torch.testing.assert_close(run.pre[layer], ref.mlp_in[layer][0] @ tc.W_enc[layer] + tc.b_enc[layer])
 
@@ -173,7 +173,7 @@ def test_generation_steering_and_every_position_semantics(llama):
     ids = model.tokenize(PROMPT)
     steered = torch.cat([ids, torch.tensor(out["steered_ids"])])
     with torch.no_grad():  # the last steered token is what the intervened model predicts after the others
-        logits = run_free(model, tc, steered[:-1], big).logits[-1]
+        logits = run_free(model, tc, steered[:-1], big).last_logits
     assert int(logits.argmax()) == out["steered_ids"][-1]
 
 
@@ -193,7 +193,7 @@ def test_intervene_api_is_jsonable_and_reports_changes(llama):
         assert out["interventions"][0]["positions"][0]["act_after"] == 0.0
         assert len(out["features"]) == 4 and all(r["layer"] > 1 and r["pos"] >= p for r in out["features"])
         assert out["logits_before"][0]["prob"] == pytest.approx(
-            float(torch.softmax(clean.logits[-1], -1).max()))
+            float(torch.softmax(clean.last_logits, -1).max()))
     held = intervene(model, tc, PROMPT, [f"1:{f}@{p}=0"], constrained_layers="all", watch=["3:0@-1"])
     assert held["constrained_layers"] == [0, 1, 2, 3] and held["features"][0]["pos"] == clean.ids.numel() - 1
     # held layers keep their clean activations, only the pre-activation moves
@@ -256,7 +256,7 @@ def graph_effects(graph, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def measured_effects(graph, clean, run) -> torch.Tensor:
     """Change of every row's value between the clean pass and `run`."""
     d_pre = torch.stack([run.pre[l][p, f] - clean.pre[l][p, f] for l, p, f in graph.features.tolist()])
-    logits = run.logits[-1] - run.logits[-1].mean() - (clean.logits[-1] - clean.logits[-1].mean())
+    logits = run.last_logits - run.last_logits.mean() - (clean.last_logits - clean.last_logits.mean())
     return torch.cat([d_pre, logits[graph.logit_tokens]]).double()
 
 
@@ -293,7 +293,7 @@ def test_graph_edges_predict_constrained_interventions(family):
     assert all(torch.equal(r != 0, c != 0) for r, c in zip(run.acts, clean.acts))
     torch.testing.assert_close(measured_effects(graph, clean, run), total * eps, rtol=2e-2, atol=2e-4 * scale * eps)
     # and autograd through the engine agrees with the graph for the top logit
-    V = clean.logits.shape[-1]
+    V = clean.last_logits.shape[-1]
     tok = int(graph.logit_tokens[0])
     demean = torch.full((V,), -1.0 / V)
     demean[tok] += 1.0

@@ -141,7 +141,7 @@ def intervene(
         graph = load_graph(graph, ids)
     clean = clean_run(model, tc, ids)
     run = run_free(model, tc, ids, ivs) if mode == "free" else run_constrained(model, tc, clean, ivs, held=held)
-    before, after = clean.logits[-1], run.logits[-1]
+    before, after = clean.last_logits, run.last_logits
     if watch:
         refs = validate_refs(as_refs(watch), tc, ids.numel())
     elif graph is not None:
@@ -201,7 +201,7 @@ def _graph_report(model, graph, ivs: list[Intervention], clean: Clean, run: Run,
     for row in features:
         i = index.get((row["layer"], row["feature"], row["pos"]))
         row["pre_change_predicted_direct"] = None if i is None else float(pred[i])
-    demeaned = (run.logits[-1] - run.logits[-1].mean()) - (clean.logits[-1] - clean.logits[-1].mean())
+    demeaned = (run.last_logits - run.last_logits.mean()) - (clean.last_logits - clean.last_logits.mean())
     logits = [{"token": label, "id": int(t), "predicted_direct": float(pred[nf + j]),
                "measured": float(demeaned[int(t)]) if int(t) >= 0 else None}
               for j, (t, label) in enumerate(zip(graph.logit_tokens.tolist(), graph.logit_labels))]
@@ -222,8 +222,8 @@ def intervene_generate(
     tc = transcoder
     ids, ivs, held = _prepare(model, tc, prompt, interventions, mode, constrained_layers)
     kw = dict(temperature=temperature, seed=seed, stop=model.tokenizer.eos_token_id, max_len=model.n_ctx)
-    original = generate(lambda x: model.forward(x).logits[0, -1], ids, n_tokens, **kw)
-    steered = generate(lambda x: run_mode(model, tc, x, ivs, mode, held=held).logits[-1], ids, n_tokens, **kw)
+    original = generate(lambda x: run_free(model, tc, x, []).last_logits, ids, n_tokens, **kw)  # the plain model
+    steered = generate(lambda x: run_mode(model, tc, x, ivs, mode, held=held).last_logits, ids, n_tokens, **kw)
     return {
         "prompt": prompt, "mode": mode, "constrained_layers": sorted(held), "temperature": temperature,
         "seed": seed, "interventions": [iv.to_dict() for iv in ivs],

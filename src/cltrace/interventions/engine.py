@@ -45,21 +45,18 @@ class Clean:
     rep: LocalReplacement  # frozen patterns and norm scales, embeddings, read points, true MLP outputs
     pre: list[Tensor]  # per layer [T, F]
     acts: list[Tensor]  # per layer [T, F], row 0 zero
+    last_logits: Tensor | None = None  # [V] the model's logits at the last position
 
     @property
     def ids(self) -> Tensor:  # [T]
         return self.rep.ids
-
-    @property
-    def logits(self) -> Tensor:  # [T, V]
-        return self.rep.logits
 
 
 @dataclass
 class Run:
     """What an intervened pass produced."""
 
-    logits: Tensor  # [T, V]
+    last_logits: Tensor  # [V] logits at the last position (the unembedding of all positions is costly)
     pre: list[Tensor]  # per layer [T, F] pre-activations read from the live stream
     acts: list[Tensor]  # per layer [T, F] activations in effect (after interventions; held layers: clean)
 
@@ -77,7 +74,10 @@ def clean_run(model: ModelAdapter, tc: Transcoder, ids: Tensor) -> Clean:
     """One plain forward pass -> the local replacement model and every layer's activations."""
     rep = build_replacement(model, tc, ids)
     pre, acts = zip(*(encode(tc, rep.inputs[layer], layer) for layer in range(model.n_layers)))
-    return Clean(rep, list(pre), list(acts))
+    clean = Clean(rep, list(pre), list(acts))
+    # the replacement model with nothing changed: the model's logits, computed exactly as every run's are
+    clean.last_logits = run_constrained(model, tc, clean, []).last_logits
+    return clean
 
 
 def apply(ivs: list[Intervention], a: Tensor) -> Tensor:
@@ -169,7 +169,13 @@ def run_constrained(
         return out[None]
 
     fp = frozen_forward(model, rep.embed[None], rep.frozen, mlp)
-    return Run(model.unembed(fp.final_normed)[0], pres, acts)
+    return Run(unembed_last(model, fp.final_normed), pres, acts)
+
+
+def unembed_last(model: ModelAdapter, final_normed: Tensor) -> Tensor:
+    """final_normed [1, T, D] -> logits [V] of the last position; every run computes them this same way,
+    so that an unchanged stream gives bit-identical logits."""
+    return model.unembed(final_normed[0, -1:])[0]
 
 
 @contextmanager
@@ -219,8 +225,8 @@ def run_free(model: ModelAdapter, tc: Transcoder, ids: Tensor, interventions: li
             acts.append(a)
             return mlp_out if w is None else mlp_out + w[None].to(mlp_out.dtype)
 
-        trace = model.forward(ids, mlp_hook=hook)
-    return Run(trace.logits[0], pres, acts)
+        trace = model.forward(ids, mlp_hook=hook, compute_logits=False)
+    return Run(unembed_last(model, trace.final_normed), pres, acts)
 
 
 MODES = ("constrained", "free")
@@ -251,7 +257,7 @@ def first_order(
     value = clean.acts[layer][pos, feature].detach().clone().requires_grad_(True)
     with torch.enable_grad():
         run = run_constrained(model, tc, clean, [Intervention(layer, feature, value, pos)], held=held, linear=True)
-        last = run.logits[-1]
+        last = run.last_logits
         target = last[logit] if isinstance(logit, int) else last.float() @ logit.float()
         outs = [target] + [run.pre[wl][wp, wf] for wl, wf, wp in watch]
         grads = [torch.autograd.grad(o, value, retain_graph=True, allow_unused=True)[0] if o.requires_grad
