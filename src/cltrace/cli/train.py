@@ -8,6 +8,7 @@ FLAGS = {
     "out": "out", "corpus": "corpus", "cache": "cache", "activation": "activation", "k": "k", "lr": "lr",
     "sparsity": "sparsity", "batch_size": "batch_size", "context_len": "context_len", "skip": "skip",
     "precision": "precision", "seed": "seed", "checkpoint_every": "checkpoint_every", "log_every": "log_every",
+    "feature_shards": "feature_shards",
 }
 
 
@@ -40,6 +41,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     p.add_argument("--log-every", type=int, help="steps between metric lines (default 10)")
+    p.add_argument("--feature-shards", type=int,
+                   help="under torchrun: split every layer's features over this many ranks (default 1: data "
+                        "parallel only); see docs/distributed.md")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="any other TrainConfig field, e.g. --set warmup=0.1 --set decay=linear (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -73,15 +77,22 @@ def run(args, ctx) -> int:
     if cfg.device == "auto":
         cfg = cfg.override({"device": str(ctx.device)})
     cfg.validate()
+    from cltrace.training.distributed import init_distributed
+
+    dist = init_distributed(cfg.feature_shards, cfg.device)  # under torchrun: this rank's group and GPU
+    if dist.distributed:
+        cfg = cfg.override({"device": str(dist.device)})  # cuda:LOCAL_RANK
+        ctx.quiet = ctx.quiet or not dist.is_main  # only rank 0 speaks
     model = None
     if not cfg.cache:
         from cltrace.models.registry import DEFAULT_MODEL, load_model
 
         ctx.log(f"loading model {cfg.model or DEFAULT_MODEL}")
-        model = load_model(cfg.model or DEFAULT_MODEL, device=ctx.device, dtype=ctx.dtype)
+        model = load_model(cfg.model or DEFAULT_MODEL, device=dist.device, dtype=ctx.dtype)
     ctx.log(f"training a {cfg.kind} ({cfg.activation}, {cfg.features_per_layer} features per layer) on "
             f"{cfg.tokens:,} tokens, {cfg.steps} steps of {cfg.batch_size} tokens -> {cfg.out}")
-    train(cfg, model=model, resume=args.resume, log=ctx.log if ctx.verbose else None)
+    train(cfg, model=model, resume=args.resume, log=ctx.log if ctx.verbose else None, dist=dist)
     ctx.log(f"saved the transcoder, train_config.yaml, metrics.jsonl and curves.png in {cfg.out}")
-    print(cfg.out)
+    if dist.is_main:
+        print(cfg.out)
     return 0
