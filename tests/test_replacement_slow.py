@@ -1,7 +1,6 @@
 """The local replacement model on the default model (Gemma-3-270M)."""
 
 import pytest
-import torch
 
 from cltrace.replacement import build_replacement, random_transcoder
 
