@@ -415,3 +415,29 @@ def test_trainer_sharded_resume_after_interruption(tmp_path):
     a, b = load_transcoder(tmp_path / "straight"), load_transcoder(tmp_path / "resumed")
     for k, v in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_torchrun_cli_feature_sharded_then_merge(tmp_path):
+    """The documented command: `torchrun --nproc_per_node 2 -m cltrace train ... --feature-shards 2`."""
+    import subprocess
+    import sys
+
+    from cltrace.models.tiny import save_tiny
+
+    model_dir = save_tiny("llama", tmp_path / "tiny")
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "cltrace", "--device", "cpu", "-q", "train", "--model", str(model_dir), "-F", "16",
+           "--tokens", "512", "--batch-size", "128", "--context-len", "32", "--out", str(out),
+           "--feature-shards", "2", "--set", "norm_tokens=128"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == str(out)  # printed by rank 0 only
+    assert (out / "shards.json").exists() and len(list(out.glob("shard-*.safetensors"))) == 2
+    from cltrace.cli import main
+
+    assert main(["-q", "merge-shards", str(out), "--out", str(tmp_path / "merged")]) == 0
+    tc = load_transcoder(tmp_path / "merged")
+    assert tc.n_features == 16 and tc.n_layers == load_transcoder(out).n_layers
