@@ -104,7 +104,7 @@ def write_activation_cache(
         keep_special=keep_special, outlier_factor=outlier_factor, split=split, heldout_frac=heldout_frac,
         loop=True,
     )
-    chunk = min(4096, shard_tokens)
+    chunk = min(4096, shard_tokens, n_tokens)  # rows asked of the stream at a time (no more than needed)
     batches = source.batches(chunk, seed=seed, track=False)
     bar = _progress(n_tokens, progress)
     shards = []
@@ -208,31 +208,43 @@ class CachedActivations(BlockSource):
         self.shards = m["shards"]
         if sum(s["rows"] for s in self.shards) != self.n_tokens:
             raise CltraceError(f"{self.folder}/manifest.json: shard rows do not add up to n_tokens")
-        self._maps = [self._open_shard(s, verify) for s in self.shards]
+        for shard in self.shards:
+            self._check_shard(shard, verify)
         largest = max(s["rows"] for s in self.shards)
         self.buffer_tokens = max(largest, buffer_tokens or default_buffer_tokens(
             self.n_layers, self.d_model, buffer_mb))
         self.buffer: tuple[Tensor, Tensor] | None = None
 
-    def _open_shard(self, shard: dict, verify: bool) -> tuple[np.ndarray, np.ndarray]:
-        maps = []
+    def _check_shard(self, shard: dict, verify: bool) -> None:
+        """Header, shape, dtype and size of both files of a shard (and checksums if verify).
+
+        Shards are memory-mapped only while being read, so a cache of thousands of shards does not
+        hold thousands of open files.
+        """
+        want = (shard["rows"], self.n_layers, self.d_model)
+        dtype = np.dtype(DTYPES[self.dtype])
         for k in ("x", "y"):
             path = self.folder / shard[k]
             if not path.exists():
                 raise CltraceError(f"activation cache shard {path} is missing: write the cache again")
+            try:
+                with open(path, "rb") as f:
+                    fmt = np.lib.format
+                    read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else (
+                        fmt.read_array_header_2_0)
+                    shape, fortran, got_dtype = read_header(f)
+                    offset = f.tell()
+            except (ValueError, OSError, EOFError, SyntaxError) as e:
+                raise CltraceError(f"activation cache shard {path} is corrupt ({e}): write the cache again") from e
+            if shape != want or got_dtype != dtype or fortran:
+                raise CltraceError(f"activation cache shard {path} holds {got_dtype} {shape}, the manifest "
+                                   f"says {dtype} {want}: write the cache again")
+            if path.stat().st_size != offset + int(np.prod(want)) * dtype.itemsize:
+                raise CltraceError(f"activation cache shard {path} is corrupt (truncated or padded: "
+                                   f"{path.stat().st_size} bytes): write the cache again")
             if verify and _sha256(path) != shard[f"{k}_sha256"]:
                 raise CltraceError(f"activation cache shard {path} is corrupt (SHA-256 mismatch): "
                                    "write the cache again")
-            try:
-                a = np.load(path, mmap_mode="r", allow_pickle=False)
-            except (ValueError, OSError, EOFError) as e:
-                raise CltraceError(f"activation cache shard {path} is corrupt ({e}): write the cache again") from e
-            want = (shard["rows"], self.n_layers, self.d_model)
-            if a.shape != want or a.dtype != DTYPES[self.dtype]:
-                raise CltraceError(f"activation cache shard {path} holds {a.dtype} {a.shape}, the manifest "
-                                   f"says {np.dtype(DTYPES[self.dtype])} {want}: write the cache again")
-            maps.append(a)
-        return maps[0], maps[1]
 
     def config(self) -> dict:
         m = self.manifest
@@ -272,15 +284,17 @@ class CachedActivations(BlockSource):
             epoch, j = epoch + 1, 0
 
     def _load_shard(self, i: int, bx: Tensor, by: Tensor, n: int, chunk: int = 8192) -> int:
-        mx, my = self._maps[i]
+        """Copy shard i into the buffers at row n (float32); returns the next free row."""
+        shard = self.shards[i]
         try:
+            mx, my = (np.load(self.folder / shard[k], mmap_mode="r", allow_pickle=False) for k in ("x", "y"))
             for a in range(0, len(mx), chunk):
                 b = min(a + chunk, len(mx))
                 bx[n + a:n + b] = _from_storage(mx[a:b], self.dtype)
                 by[n + a:n + b] = _from_storage(my[a:b], self.dtype)
-        except OSError as e:
-            raise CltraceError(f"cannot read activation cache shard {self.shards[i]['x']} ({e})") from e
-        return n + len(mx)
+        except (OSError, ValueError) as e:
+            raise CltraceError(f"cannot read activation cache shard {shard['x']} ({e}): write the cache again") from e
+        return n + shard["rows"]
 
     @property
     def epochs_seen(self) -> float:
