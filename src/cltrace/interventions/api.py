@@ -131,6 +131,8 @@ def intervene(
     graph: an attribution Graph of the same prompt (or its file); adds the graph's direct prediction.
     """
     tc = transcoder
+    if top < 1 or n_watch < 0:
+        raise CltraceError(f"--top must be at least 1 and --n-watch at least 0 (got {top}, {n_watch})")
     if prompt is None and graph is not None:
         from cltrace.attribution.graph import Graph
 
