@@ -71,7 +71,8 @@ def run_ct(model: str, kind: str, backend: str, batch: int, n_features: int, act
     out = Path(f"/tmp/ct-runs/bench-{tag}-{kind}-{backend}-b{batch}")
     if not (reuse and (out / "graph.npz").exists()):
         cmd = [CT_PY, CT_REF, "--model", model, "--kind", kind, "--backend", backend, "--batch-size", str(batch),
-               "--n-features", str(n_features), "--active-per-layer", str(active), "--out-dir", str(out)]
+               "--n-features", str(n_features), "--active-per-layer", str(active), "--out-dir", str(out),
+               "--threads", str(torch.get_num_threads())]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         subprocess.run([CT_PY, str(HERE / "ct_dump.py"), str(out)], check=True, stdout=subprocess.DEVNULL)
@@ -164,7 +165,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["tiny", "gemma", "scale"], required=True)
     ap.add_argument("--reuse-ct", action="store_true", help="reuse circuit-tracer runs already on disk")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for both sides (1: on a shared 2-core machine, 2 threads thrash)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     sys.stdout.reconfigure(line_buffering=True)
     {"tiny": lambda: part_tiny(args.reuse_ct), "gemma": lambda: part_gemma(args.reuse_ct), "scale": part_scale}[
         args.part]()

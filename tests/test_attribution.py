@@ -190,3 +190,14 @@ def test_graph_load_corrupt_file(tmp_path, setup, damage):
         path = tmp_path / "nope.safetensors"
     with pytest.raises(CltraceError):
         Graph.load(path)
+
+
+def test_long_prompt_path_gives_same_edges(setup, monkeypatch):
+    """Many (layer, position) groups switch feature columns to the chunked-gather path: same edges."""
+    from cltrace.attribution import engine
+
+    model, ids, out = setup
+    tc, g = out["clt"]
+    orig = engine.RowComputer._build_groups
+    monkeypatch.setattr(engine.RowComputer, "_build_groups", lambda self: orig(self, max_groups=0))
+    assert torch.allclose(attribute(model, tc, ids, batch_size=16).edges, g.edges, atol=1e-5)

@@ -129,13 +129,32 @@ class RowComputer:
         Grouped by (output layer, position): one [B, D] @ [D, n] product per group, no gathered copy of G.
         """
         rows[:, : self.nf] = 0
+        if self.groups is None:
+            return self._feature_cols_gathered(G, rows, top)
         for layer in range(min(top, self.L)):
             for pos, cols, vecs in self.groups[layer]:
                 rows[:, cols] += G[:, layer, pos] @ vecs.T  # [B, D] @ [D, n]
 
-    def _build_groups(self) -> list[list[tuple[int, Tensor, Tensor]]]:
+    def _feature_cols_gathered(self, G: Tensor, rows: Tensor, top: int, chunk_elems: int = 2**24) -> None:
+        """Long prompts (too many (layer, position) groups): gather G at the features' positions, in chunks."""
+        feats, tc, B = self.rep.features, self.tc, G.shape[0]
+        for s, sl in enumerate(self.slices):
+            if sl.stop == sl.start or s >= top:
+                continue
+            k = min(tc.n_out(s), top - s)  # output layers that can reach a read point in this batch
+            step = max(1, chunk_elems // (B * k * self.D))
+            for c in range(sl.start, sl.stop, step):
+                e = min(c + step, sl.stop)
+                g = G[:, s:s + k, feats.pos[c:e]]  # [B, k, c, D]
+                w = tc.W_dec[s][feats.index[c:e], :k].float()  # [c, k, D]
+                rows[:, c:e] = torch.einsum("bkcd,ckd->bc", g, w) * feats.act[c:e].float()
+
+    def _build_groups(self, max_groups: int = 4096) -> list[list[tuple[int, Tensor, Tensor]]] | None:
         """Per output layer l: (pos, feature columns [n], decoder vectors a·W_dec[s][f, l − s] [n, D])."""
         feats, tc = self.rep.features, self.tc
+        n_groups = sum(tc.n_out(s) * feats.pos[sl].unique().numel() for s, sl in enumerate(self.slices))
+        if n_groups > max_groups:
+            return None
         groups: list[list] = [[] for _ in range(self.L)]
         for s, sl in enumerate(self.slices):
             if sl.stop == sl.start:
