@@ -5,8 +5,9 @@
 
 Prints tokens/s of each path and its ratio to the model's bare forward (the same batches through
 `forward(ids, stop_at_layer=n_layers)` under no_grad, nothing kept), measured in the same run, so the
-ratio says what the data pipeline costs on top of the model. "tokens" are the rows a transcoder trains on
-(special positions excluded), except for the bare forward, which counts every position.
+ratio says what the data pipeline costs on top of the model. Streaming and writing count the tokens run
+through the model (every position, like the bare forward; a buffer computed but not yet served at the end
+counts, since a longer run serves it); reading the cache counts rows served.
 """
 
 from __future__ import annotations
@@ -79,11 +80,14 @@ def main() -> None:
     contexts = src.contexts().take(max(2, args.tokens // args.context_len) + args.model_batch)
     bare_before = bare_forward(model, contexts, args.model_batch)
     rates = {"bare forward (stop_at_layer)": bare_before}
-    rates["streaming activations"] = consume(src.batches(args.batch_size, seed=0), args.tokens)
+    t0 = time.perf_counter()
+    consume(src.batches(args.batch_size, seed=0), args.tokens)
+    rates["streaming activations"] = src.model_tokens / (time.perf_counter() - t0)
     with tempfile.TemporaryDirectory() as folder:
         t0 = time.perf_counter()
-        write_activation_cache(model, args.corpus, folder, args.tokens, buffer_tokens=buffer, progress=False, **kw)
-        rates["writing the disk cache (bf16)"] = args.tokens / (time.perf_counter() - t0)
+        m = write_activation_cache(model, args.corpus, folder, args.tokens, buffer_tokens=buffer, progress=False,
+                                   **kw)
+        rates["writing the disk cache (bf16)"] = m["model_tokens"] / (time.perf_counter() - t0)
         cache = CachedActivations(folder, buffer_tokens=buffer)
         rates["reading the disk cache"] = consume(cache.batches(args.batch_size, seed=0), args.tokens)
 

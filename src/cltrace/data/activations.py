@@ -81,7 +81,7 @@ def harvest(model, ids: Tensor, special_ids: set[int], *, keep_special: bool = F
 
 # ---------------------------------------------------------------------- the streaming source
 def default_buffer_tokens(n_layers: int, d_model: int, buffer_mb: float = 2048.0,
-                          max_tokens: int = 1 << 17) -> int:
+                          max_tokens: int = 1 << 16) -> int:
     """Rows of x and y (float32) that fit in buffer_mb, at most max_tokens (tiny models need no more)."""
     row_bytes = 2 * n_layers * d_model * 4
     return max(1, min(max_tokens, int(buffer_mb * 2**20 // row_bytes)))
