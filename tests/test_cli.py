@@ -77,3 +77,14 @@ def test_every_subcommand_has_help(capsys):
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
         assert e.value.code == 0
+
+
+def test_corpus_info_counts_the_committed_corpus(capsys):
+    assert main(["corpus", "info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["documents"] > 1000 and 1_000_000 < info["approx_tokens"] < 2_500_000
+
+
+def test_corpus_info_missing_file_is_one_line(capsys, tmp_path):
+    assert main(["corpus", "info", str(tmp_path / "none.jsonl")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
