@@ -98,19 +98,27 @@ class RowComputer:
     def __call__(self, seeds: list[tuple[int, int, Tensor]]) -> Tensor:
         """seeds: (read layer, L = final_normed; pos; input vector [D]) -> rows [B, n_cols] float32."""
         L, T, D, B = self.L, self.T, self.D, len(seeds)
-        dtype, dev = self.lv.emb.dtype, self.lv.emb.device
+        # A fresh batch-1 forward per batch: backward passes with is_grads_batched=True on a retained graph
+        # leak their batched buffers into it (torch 2.13), and the forward costs ~1/B of the backward.
+        lv = build_leaves(self.rep)
+        dtype, dev = lv.emb.dtype, lv.emb.device
         outputs, grad_outputs = [], []
         for layer in sorted({s[0] for s in seeds}):
             g = torch.zeros(B, 1, T, D, dtype=dtype, device=dev)
             for b, (lay, pos, vec) in enumerate(seeds):
                 if lay == layer:
                     g[b, 0, pos] = vec.to(dtype)
-            outputs.append(self.lv.final if layer == L else self.lv.reads[layer])
+            outputs.append(lv.final if layer == L else lv.reads[layer])
             grad_outputs.append(g)
         top = max(s[0] for s in seeds)  # leaves at or above the deepest read point get no gradient
-        inputs = [self.lv.emb] + self.lv.outs[:top]
-        grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True, is_grads_batched=True,
-                                    allow_unused=True)
+        inputs = [lv.emb] + lv.outs[:top]
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs, is_grads_batched=True, allow_unused=True)
+        return self._rows(grads, top)
+
+    @torch.no_grad()
+    def _rows(self, grads: tuple, top: int) -> Tensor:
+        L, T, D = self.L, self.T, self.D
+        B, dev = grads[0].shape[0], grads[0].device
         g_emb = grads[0][:, 0].float()  # [B, T, D]
         G = torch.zeros(B, L, T, D, device=dev)  # [B, L, T, D] d(target)/d(MLP output l at p)
         for layer, g in enumerate(grads[1:]):
@@ -123,6 +131,7 @@ class RowComputer:
         rows[:, self.nf + L * T:] = torch.einsum("btd,td->bt", g_emb, self.rep.embed.float())
         return rows
 
+    @torch.no_grad()  # transcoder weights are Parameters: without this, `rows` would record their history
     def _feature_cols(self, G: Tensor, rows: Tensor, top: int) -> None:
         """rows[:, k] = a_k Σ_j <G[:, l_k + j, p_k], W_dec[l_k][f_k, j]>: every decoder that reaches a target.
 
@@ -138,6 +147,7 @@ class RowComputer:
     def _feature_cols_gathered(self, G: Tensor, rows: Tensor, top: int, chunk_elems: int = 2**24) -> None:
         """Long prompts (too many (layer, position) groups): gather G at the features' positions, in chunks."""
         feats, tc, B = self.rep.features, self.tc, G.shape[0]
+        Gt = G[:, :top].permute(2, 0, 1, 3).contiguous()  # [T, B, top, D]: a feature's slice is one gather
         for s, sl in enumerate(self.slices):
             if sl.stop == sl.start or s >= top:
                 continue
@@ -145,10 +155,11 @@ class RowComputer:
             step = max(1, chunk_elems // (B * k * self.D))
             for c in range(sl.start, sl.stop, step):
                 e = min(c + step, sl.stop)
-                g = G[:, s:s + k, feats.pos[c:e]]  # [B, k, c, D]
-                w = tc.W_dec[s][feats.index[c:e], :k].float()  # [c, k, D]
-                rows[:, c:e] = torch.einsum("bkcd,ckd->bc", g, w) * feats.act[c:e].float()
+                g = Gt[feats.pos[c:e], :, s:s + k].reshape(e - c, B, k * self.D)  # [c, B, k·D]
+                w = tc.W_dec[s][feats.index[c:e], :k].float().reshape(e - c, k * self.D, 1)  # [c, k·D, 1]
+                rows[:, c:e] = torch.bmm(g, w)[:, :, 0].T * feats.act[c:e].float()
 
+    @torch.no_grad()
     def _build_groups(self, max_groups: int = 4096) -> list[list[tuple[int, Tensor, Tensor]]] | None:
         """Per output layer l: (pos, feature columns [n], decoder vectors a·W_dec[s][f, l − s] [n, D])."""
         feats, tc = self.rep.features, self.tc
@@ -226,7 +237,7 @@ def attribute(
 
     def feature_seed(k: int) -> tuple[int, int, Tensor]:
         s = int(feats.layer[k])
-        return s, int(feats.pos[k]), tc.W_enc[s][:, int(feats.index[k])]
+        return s, int(feats.pos[k]), tc.W_enc[s][:, int(feats.index[k])].detach()
 
     # logit rows first
     row_blocks: list[Tensor] = []
