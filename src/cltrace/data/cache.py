@@ -21,7 +21,6 @@ The manifest is written last, so a folder without one is an interrupted write.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import time
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from cltrace.data.activations import StreamingActivations, default_buffer_tokens
 from cltrace.data.shuffle import Block, BlockSource
+from cltrace.data.sources import sha256_file
 from cltrace.data.tokens import CorpusLike
 from cltrace.errors import CltraceError
 
@@ -62,14 +62,6 @@ def _from_storage(a: np.ndarray, dtype: str) -> Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).float()
     return torch.from_numpy(a).float()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------- writing
@@ -134,7 +126,7 @@ def write_activation_cache(
             del m
             os.replace(paths[k].with_suffix(".tmp"), paths[k])
             entry[k] = paths[k].name
-            entry[f"{k}_sha256"] = _sha256(paths[k])
+            entry[f"{k}_sha256"] = sha256_file(paths[k])
         maps.clear()
         shards.append(entry)
         written += rows
@@ -242,7 +234,7 @@ class CachedActivations(BlockSource):
             if path.stat().st_size != offset + int(np.prod(want)) * dtype.itemsize:
                 raise CltraceError(f"activation cache shard {path} is corrupt (truncated or padded: "
                                    f"{path.stat().st_size} bytes): write the cache again")
-            if verify and _sha256(path) != shard[f"{k}_sha256"]:
+            if verify and sha256_file(path) != shard[f"{k}_sha256"]:
                 raise CltraceError(f"activation cache shard {path} is corrupt (SHA-256 mismatch): "
                                    "write the cache again")
 

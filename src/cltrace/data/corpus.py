@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cltrace.data.sources import SOURCES, Fetched, Source, documents, fetch
+from cltrace.data.sources import SOURCES, Fetched, Source, documents, fetch, sha256_file
 from cltrace.data.text import split_document
 from cltrace.errors import CltraceError
 
@@ -298,7 +298,7 @@ def build_corpus(
     chars = sum(s.chars for s in stats)
     manifest = {
         "file": out.name,
-        "sha256": _sha256(out),
+        "sha256": sha256_file(out),
         "seed": seed,
         "doc_chars": DOC_CHARS,
         "documents": len(records),
@@ -329,8 +329,3 @@ def build_large_corpus(out: Path | None = None, *, sources: Iterable[str] | None
     names = list(sources) if sources is not None else list(SOURCES)
     return build_corpus(out or large_corpus_path(), {n: None for n in names}, **kw)
 
-
-def _sha256(path: Path) -> str:
-    from cltrace.data.sources import sha256_file
-
-    return sha256_file(path)
