@@ -1,0 +1,111 @@
+"""`cltrace trace "PROMPT"`: build, prune, save and summarize an attribution graph."""
+
+from __future__ import annotations
+
+import json
+import time
+
+
+def add_parser(sub, name: str) -> None:
+    from cltrace.models.registry import DEFAULT_MODEL
+
+    p = sub.add_parser(name, help="build an attribution graph for a prompt",
+                       description="Build the attribution graph of a prompt, prune it, save it and print a summary.")
+    p.add_argument("prompt")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--transcoders", "-t", help="folder written by `cltrace train`, or a circuit-tracer folder")
+    src.add_argument("--random-transcoders", type=int, metavar="F",
+                     help="no trained transcoders yet: random CLT with F features/layer, thresholds calibrated "
+                          "on the prompt (for trying the pipeline)")
+    p.add_argument("--random-kind", default="clt", choices=["clt", "plt"])
+    p.add_argument("--random-active", type=int, default=40, help="active features per layer (random transcoders)")
+    p.add_argument("--out", "-o", required=True, help="graph file to write (.safetensors)")
+    p.add_argument("--max-features", type=int, default=None, help="keep at most N features, the most influential")
+    p.add_argument("--node-threshold", type=float, default=0.8)
+    p.add_argument("--edge-threshold", type=float, default=0.98)
+    p.add_argument("--batch-size", type=int, default=64, help="rows per backward pass (default 64)")
+    p.add_argument("--target", action="append", default=None, metavar="TOKEN",
+                   help="explain this token's logit (repeatable); 'A-B' style contrasts: --contrast A B")
+    p.add_argument("--contrast", nargs=2, action="append", default=None, metavar=("A", "B"),
+                   help="explain the logit difference A − B (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--export-json", metavar="DIR", help="also write the viewer JSON (circuit-tracer / Neuronpedia)")
+    p.add_argument("--slug", help="graph name in the viewer (with --export-json)")
+    p.set_defaults(run=run)
+
+
+def run(args, ctx) -> int:
+    from cltrace.attribution import attribute
+    from cltrace.attribution.prune import prune, scores
+    from cltrace.errors import CltraceError
+    from cltrace.models.registry import load_model
+
+    if args.export_json and not args.slug:
+        raise CltraceError("--export-json needs --slug NAME (the graph's name in the viewer)")
+    for name in ("node_threshold", "edge_threshold"):
+        if not 0 < getattr(args, name) <= 1:
+            raise CltraceError(f"--{name.replace('_', '-')} must be in (0, 1]")
+    t0 = time.perf_counter()
+    model = load_model(args.model, device=ctx.device, dtype=ctx.dtype)
+    ids = model.tokenize(args.prompt)
+    if args.transcoders:
+        from cltrace.transcoders.io import check_fits, load_transcoder
+
+        tc = load_transcoder(args.transcoders, device=ctx.device, dtype=ctx.dtype)
+        check_fits(tc, model)
+    else:
+        from cltrace.replacement import random_transcoder
+
+        tc = random_transcoder(model, args.random_kind, args.random_transcoders, args.random_active, ids=ids)
+        tc = tc.to(dtype=ctx.dtype)
+    load_s = time.perf_counter() - t0
+    targets = (args.target or []) + [tuple(c) for c in (args.contrast or [])]
+    graph = attribute(model, tc, ids, targets=targets or None, max_feature_nodes=args.max_features,
+                      batch_size=args.batch_size, log=None if args.json else ctx.log)
+    t1 = time.perf_counter()
+    pr = prune(graph, args.node_threshold, args.edge_threshold)
+    rep_u, comp_u = scores(graph)
+    rep_p, comp_p = scores(graph, pr)
+    prune_s = time.perf_counter() - t1
+    graph.meta.update(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
+                      vocab_size=model.vocab_size,
+                      scores={"replacement": rep_u, "completeness": comp_u, "replacement_pruned": rep_p,
+                              "completeness_pruned": comp_p})
+    t2 = time.perf_counter()
+    path = graph.save(args.out)
+    if args.export_json:
+        from cltrace.attribution.export import export_graph_files
+
+        export_graph_files(graph, args.export_json, args.slug, pruned=pr, node_threshold=args.node_threshold,
+                           edge_threshold=args.edge_threshold)
+    save_s = time.perf_counter() - t2
+    seconds = {"load": load_s, **graph.meta["seconds"], "prune_and_scores": prune_s, "save": save_s}
+    n_edges = int((graph.edges != 0).sum())
+    summary = {
+        "prompt": args.prompt, "tokens": graph.tokens, "out": str(path),
+        "n_nodes": graph.n_nodes, "n_edges": n_edges, "n_active_features": graph.meta["n_active_features"],
+        "n_features": graph.n_features, "n_nodes_pruned": int(pr.node_mask.sum()),
+        "n_edges_pruned": int(pr.edge_mask.sum()),
+        "replacement_score": {"unpruned": rep_u, "pruned": rep_p},
+        "completeness_score": {"unpruned": comp_u, "pruned": comp_p},
+        "logits": [{"token": lab, "prob": float(p)} for lab, p in zip(graph.logit_labels, graph.logit_probs)],
+        "max_logit_error": graph.meta["max_logit_error"],
+        "seconds": {k: round(v, 4) for k, v in seconds.items()},
+    }
+    if args.json:
+        print(json.dumps(summary, ensure_ascii=False))
+        return 0
+    print(f"prompt: {args.prompt!r} ({len(graph.tokens)} tokens)")
+    print(f"nodes: {graph.n_nodes} ({graph.n_features} features of {graph.meta['n_active_features']} active), "
+          f"edges: {n_edges}")
+    print(f"pruned: {summary['n_nodes_pruned']} nodes, {summary['n_edges_pruned']} edges")
+    print(f"replacement score: {rep_u:.3f} unpruned, {rep_p:.3f} pruned")
+    print(f"completeness score: {comp_u:.3f} unpruned, {comp_p:.3f} pruned")
+    print(f"max |logit error| of the replacement model: {graph.meta['max_logit_error']:.2e}")
+    print("top logits:")
+    for row in summary["logits"]:
+        print(f"  {row['prob']:.4f}  {row['token']!r}")
+    print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
+    print(f"saved {path}")
+    return 0
