@@ -363,3 +363,83 @@ def test_iter_archive_reads_tgz_and_deb(tmp_path):
 
 def test_position_round_trip():
     assert Position(*Position(2, 5, 7).as_list()) == Position(2, 5, 7)
+
+
+# ---------------------------------------------------------------------- data-parallel shares
+def _rows(batches, n_batches):
+    got = [b for _, b in zip(range(n_batches), batches)]
+    return torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])
+
+
+def test_streaming_shares_disjoint_and_complete(monkeypatch):
+    model = tiny_model("llama")
+    seen: dict[str, list] = {"now": []}
+    forward = model.forward
+
+    def recording(ids, **kw):  # the contexts the model is run on, per source
+        seen["now"].extend(map(tuple, ids.tolist()))
+        return forward(ids, **kw)
+
+    monkeypatch.setattr(model, "forward", recording)
+    kw = dict(context_len=16, model_batch=3, buffer_tokens=100, loop=False, split="all")
+    runs = {}
+    for name, share in {"single": {}, "r0": dict(rank=0, world=2), "r1": dict(rank=1, world=2)}.items():
+        seen["now"] = []
+        src = StreamingActivations(model, DOCS[:12], **kw, **share)
+        got = list(src.batches(2 if share else 1, seed=0))  # one row a batch: every row, to the end
+        runs[name] = (torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got]), seen["now"], src.model_tokens)
+    contexts = runs["single"][2]
+    assert runs["r0"][2] == contexts[0::2] and runs["r1"][2] == contexts[1::2]  # contexts r, r+W, ...
+    assert runs["r0"][3] + runs["r1"][3] == runs["single"][3]  # the model's work is split, not repeated
+    # the union of the rows is the single-process token set (rows can repeat: documents share prefixes, so
+    # disjointness is checked above on the contexts, by their index in the stream)
+    assert _multiset(*runs["r0"][:2]) + _multiset(*runs["r1"][:2]) == _multiset(*runs["single"][:2])
+
+
+def test_streaming_share_resumes_exactly(llama):
+    def make(rank):
+        return StreamingActivations(llama, DOCS, context_len=16, model_batch=3, buffer_tokens=100, split="all",
+                                    rank=rank, world=2)
+
+    full = _rows(make(1).batches(40, seed=5), 10)
+    first = make(1)
+    it = first.batches(40, seed=5)
+    for _ in range(4):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))
+    second = make(1)
+    second.load_state_dict(state)
+    x, _ = _rows(second.batches(40, seed=5), 6)
+    assert x.shape[0] == 6 * 20 and torch.equal(x, full[0][4 * 20:])  # 40 / 2 rows a batch
+    with pytest.raises(CltraceError, match="share"):
+        make(0).load_state_dict(state)  # another rank's state
+    with pytest.raises(CltraceError, match="multiple"):
+        next(make(0).batches(41))
+
+
+def test_cache_shares_disjoint_and_complete(llama, tmp_path):
+    m = write_activation_cache(llama, DOCS, tmp_path, 700, context_len=16, shard_tokens=128, split="all",
+                               progress=False)
+    assert len(m["shards"]) == 6  # 5 x 128 + 60: slices of 64 and 30 rows per share
+    whole = _multiset(*(torch.cat([_from_npy(np.load(tmp_path / s[k], allow_pickle=False), "bfloat16")
+                                   for s in m["shards"]]) for k in ("x", "y")))
+    shares = []
+    for rank in range(2):
+        src = CachedActivations(tmp_path, buffer_tokens=200, rank=rank, world=2)
+        assert src.share_tokens == 350
+        shares.append(_multiset(*_rows(src.batches(70, seed=3), 10)))  # 35 rows a batch: one epoch
+        assert src.epochs_seen == 1.0
+    assert shares[0] + shares[1] == whole  # slices of distinct rows: disjoint by construction
+    # resuming a share mid-epoch
+    full = _rows(CachedActivations(tmp_path, buffer_tokens=200, rank=1, world=2).batches(70, seed=3), 14)
+    first = CachedActivations(tmp_path, buffer_tokens=200, rank=1, world=2)
+    it = first.batches(70, seed=3)
+    for _ in range(5):
+        next(it)
+    second = CachedActivations(tmp_path, buffer_tokens=200, rank=1, world=2)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert torch.equal(_rows(second.batches(70, seed=3), 9)[0], full[0][5 * 35:])
+    with pytest.raises(CltraceError, match="share"):
+        CachedActivations(tmp_path, rank=0, world=2).load_state_dict(first.state_dict())
+    with pytest.raises(CltraceError, match="too few"):
+        CachedActivations(tmp_path, rank=0, world=1000)

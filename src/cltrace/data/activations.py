@@ -98,13 +98,19 @@ class StreamingActivations(BlockSource):
     Resuming: `state_dict()` after K batches, then on a new object `load_state_dict(state)` and
     `batches(same batch_size, seed=same seed)` yields exactly batches K+1, K+2, ... of the
     uninterrupted run, recomputing at most one buffer.
+
+    Data parallel: `rank=r, world=W` makes this the share of data rank r: it runs the model only on
+    contexts r, r+W, r+2W, ... of the packed stream (the shares of the W ranks are disjoint and together
+    are exactly the contexts of world=1), and `batches(B)` yields B / W rows a batch. Every rank still
+    reads and tokenizes the whole stream (cheap next to the model) so that the context numbering agrees.
+    The state is this share's own; resuming needs the same rank and world.
     """
 
     def __init__(
         self, model, corpus: CorpusLike = None, *, context_len: int = 128, buffer_tokens: int | None = None,
         model_batch: int = 8, keep_special: bool = False, outlier_factor: float | None = None,
         split: str = "train", heldout_frac: float = 0.02, loop: bool = True, text_field: str = "text",
-        buffer_mb: float = 2048.0,
+        buffer_mb: float = 2048.0, rank: int = 0, world: int = 1,
     ):
         if context_len > model.n_ctx:
             raise CltraceError(f"context_len {context_len} exceeds the model's {model.n_ctx} positions")
@@ -121,6 +127,7 @@ class StreamingActivations(BlockSource):
         _, _, self.special_ids = special_tokens(model.tokenizer)
         self.buffer: tuple[Tensor, Tensor] | None = None  # the last allocated [capacity, L, D] x and y
         self.model_tokens = 0  # tokens run through the model by this object (including excluded ones)
+        self._set_share(rank, world)
 
     # ------------------------------------------------------------------ identity of the stream
     def config(self) -> dict:
@@ -131,7 +138,7 @@ class StreamingActivations(BlockSource):
             "kind": "streaming", "model": self.model.name, "corpus": corpus, "context_len": self.context_len,
             "buffer_tokens": self.buffer_tokens, "model_batch": self.model_batch,
             "keep_special": self.keep_special, "outlier_factor": self.outlier_factor, "split": self.split,
-            "heldout_frac": self.heldout_frac,
+            "heldout_frac": self.heldout_frac, **self._share_config(),
         }
 
     # ------------------------------------------------------------------ blocks
@@ -159,9 +166,12 @@ class StreamingActivations(BlockSource):
             start = stream.position
             n = 0
             while n < self.buffer_tokens:
-                ctxs = stream.take(self.model_batch)
-                if not ctxs:
+                group = stream.take(self.model_batch * self.world)  # block keys stay at multiples of W contexts
+                if not group:
                     break
+                ctxs = group[self.rank::self.world]  # this share's contexts: r, r+W, ...
+                if not ctxs:
+                    continue  # the short last group of a non-looping corpus
                 x, y = harvest(self.model, torch.tensor(ctxs), self.special_ids,
                                keep_special=self.keep_special, outlier_factor=self.outlier_factor)
                 self.model_tokens += len(ctxs) * self.context_len

@@ -180,10 +180,15 @@ class CachedActivations(BlockSource):
     model (a ModelAdapter or its name), when given, must be the model the cache was written for.
     buffer_tokens bounds memory (default: as the streaming source); each block is one or more whole
     shards. verify=True also checks every shard's SHA-256 (reads the whole cache once).
+
+    Data parallel: `rank=r, world=W` makes this the share of data rank r: row slice r of W of every shard
+    (rows [r·n//W, (r+1)·n//W) of a shard of n rows), so the W shares are disjoint, differ by at most one
+    row per shard, and together are the whole cache, however many shards it has; blocks are then groups of
+    such slices. `batches(B)` yields B / W rows a batch; an epoch is one pass over this share.
     """
 
     def __init__(self, folder: str | os.PathLike, *, model=None, buffer_tokens: int | None = None,
-                 verify: bool = False, buffer_mb: float = 2048.0):
+                 verify: bool = False, buffer_mb: float = 2048.0, rank: int = 0, world: int = 1):
         self.folder = Path(folder)
         self.manifest = m = read_manifest(self.folder)
         self.n_layers, self.d_model = int(m["n_layers"]), int(m["d_model"])
@@ -198,11 +203,16 @@ class CachedActivations(BlockSource):
                     + (f" ({dims[0]} layers, d_model {dims[1]})" if dims else "") + ": write a cache for this model"
                 )
         self.shards = m["shards"]
+        self._set_share(rank, world)
         if sum(s["rows"] for s in self.shards) != self.n_tokens:
             raise CltraceError(f"{self.folder}/manifest.json: shard rows do not add up to n_tokens")
         for shard in self.shards:
             self._check_shard(shard, verify)
-        largest = max(s["rows"] for s in self.shards)
+        self.share_tokens = sum(hi - lo for lo, hi in map(self._slice, range(len(self.shards))))
+        largest = max(hi - lo for lo, hi in map(self._slice, range(len(self.shards))))
+        if self.share_tokens == 0:
+            raise CltraceError(f"the activation cache at {self.folder} has {self.n_tokens} rows: too few for "
+                               f"{self.world} data-parallel shares")
         self.buffer_tokens = max(largest, buffer_tokens or default_buffer_tokens(
             self.n_layers, self.d_model, buffer_mb))
         self.buffer: tuple[Tensor, Tensor] | None = None
@@ -238,10 +248,15 @@ class CachedActivations(BlockSource):
                 raise CltraceError(f"activation cache shard {path} is corrupt (SHA-256 mismatch): "
                                    "write the cache again")
 
+    def _slice(self, i: int) -> tuple[int, int]:
+        """Rows [lo, hi) of shard i that belong to this share (the whole shard for world=1)."""
+        n = self.shards[i]["rows"]
+        return self.rank * n // self.world, (self.rank + 1) * n // self.world
+
     def config(self) -> dict:
         m = self.manifest
         return {"kind": "cached", "model": m["model"], "n_tokens": self.n_tokens, "created": m.get("created"),
-                "buffer_tokens": self.buffer_tokens}
+                "buffer_tokens": self.buffer_tokens, **self._share_config()}
 
     # ------------------------------------------------------------------ blocks
     def _epoch_groups(self, seed: int, epoch: int) -> list[list[int]]:
@@ -250,7 +265,8 @@ class CachedActivations(BlockSource):
             (seed * 7_919 + epoch) % 2**63)).tolist()
         groups, current, rows = [], [], 0
         for i in order:
-            r = self.shards[i]["rows"]
+            lo, hi = self._slice(i)
+            r = hi - lo
             if current and rows + r > self.buffer_tokens:
                 groups.append(current)
                 current, rows = [], 0
@@ -276,18 +292,20 @@ class CachedActivations(BlockSource):
             epoch, j = epoch + 1, 0
 
     def _load_shard(self, i: int, bx: Tensor, by: Tensor, n: int, chunk: int = 8192) -> int:
-        """Copy shard i into the buffers at row n (float32); returns the next free row."""
+        """Copy this share's rows of shard i into the buffers at row n (float32); returns the next free row."""
         shard = self.shards[i]
+        lo, hi = self._slice(i)
         try:
             mx, my = (np.load(self.folder / shard[k], mmap_mode="r", allow_pickle=False) for k in ("x", "y"))
-            for a in range(0, len(mx), chunk):
-                b = min(a + chunk, len(mx))
-                bx[n + a:n + b] = _from_storage(mx[a:b], self.dtype)
-                by[n + a:n + b] = _from_storage(my[a:b], self.dtype)
+            for a in range(lo, hi, chunk):
+                b = min(a + chunk, hi)
+                bx[n + a - lo:n + b - lo] = _from_storage(mx[a:b], self.dtype)
+                by[n + a - lo:n + b - lo] = _from_storage(my[a:b], self.dtype)
         except (OSError, ValueError) as e:
             raise CltraceError(f"cannot read activation cache shard {shard['x']} ({e}): write the cache again") from e
-        return n + shard["rows"]
+        return n + hi - lo
 
     @property
     def epochs_seen(self) -> float:
-        return self.tokens_seen / self.n_tokens
+        """Passes over this share (the whole cache for world=1)."""
+        return self.tokens_seen / max(self.share_tokens, 1)

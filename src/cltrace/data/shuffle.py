@@ -112,6 +112,24 @@ class BlockSource:
 
     _state: ServeState | None = None  # after the last batch of the tracked sequence
     _resume: ServeState | None = None  # where the next batches() call starts
+    rank: int = 0  # data-parallel share: this source serves share `rank` of `world`
+    world: int = 1
+
+    def _set_share(self, rank: int, world: int) -> None:
+        """Serve share `rank` of `world` disjoint shares; `batches(B)` then yields B / world rows a batch."""
+        if world < 1 or not 0 <= rank < world:
+            raise CltraceError(f"a data share needs 0 <= rank < world, not rank={rank}, world={world}")
+        self.rank, self.world = int(rank), int(world)
+
+    def _share_config(self) -> dict:
+        """Part of config(): a share resumes only as the same share (absent for the whole stream)."""
+        return {"share": [self.rank, self.world]} if self.world > 1 else {}
+
+    def local_batch_size(self, batch_size: int) -> int:
+        """Rows of one batch of this share: the global batch_size divided by world."""
+        if batch_size % self.world:
+            raise CltraceError(f"batch size {batch_size} is not a multiple of the {self.world} data-parallel ranks")
+        return batch_size // self.world
 
     def config(self) -> dict:
         raise NotImplementedError
@@ -120,13 +138,15 @@ class BlockSource:
         raise NotImplementedError
 
     def batches(self, batch_size: int, *, seed: int = 0, track: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
-        """Endless random batches x, y [batch_size, L, D] float32.
+        """Endless random batches x, y [batch_size, L, D] float32 ([batch_size / world, L, D] for a share:
+        batch_size is the global batch, of which this share serves its part).
 
         Starts where `load_state_dict` said, else at the start. track=False starts at the start and leaves
         `state_dict` alone (for side passes such as estimating normalization scales).
         """
         if batch_size < 1:
             raise CltraceError(f"batch_size must be positive, not {batch_size}")
+        batch_size = self.local_batch_size(batch_size)
         state = ServeState(seed, batch_size)
         if track and self._resume is not None:
             state, self._resume = self._resume, None
