@@ -32,6 +32,7 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--export-json", metavar="DIR", help="also write the viewer JSON (circuit-tracer / Neuronpedia)")
     p.add_argument("--slug", help="graph name in the viewer (with --export-json)")
+    p.add_argument("--png", metavar="FILE", help="also draw the pruned graph into this PNG")
     p.set_defaults(run=run)
 
 
@@ -79,6 +80,10 @@ def run(args, ctx) -> int:
 
         export_graph_files(graph, args.export_json, args.slug, pruned=pr, node_threshold=args.node_threshold,
                            edge_threshold=args.edge_threshold)
+    if args.png:
+        from cltrace.viewer.plot import plot_graph
+
+        plot_graph(graph, pr, args.png)
     save_s = time.perf_counter() - t2
     seconds = {"load": load_s, **graph.meta["seconds"], "prune_and_scores": prune_s, "save": save_s}
     n_edges = int((graph.edges != 0).sum())
@@ -107,5 +112,5 @@ def run(args, ctx) -> int:
     for row in summary["logits"]:
         print(f"  {row['prob']:.4f}  {row['token']!r}")
     print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
-    print(f"saved {path}")
+    print(f"saved {path}" + (f" and {args.png}" if args.png else ""))
     return 0
