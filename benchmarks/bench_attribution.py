@@ -139,7 +139,10 @@ def part_gemma(reuse: bool) -> None:
           flush=True)
 
 
-def part_scale() -> None:
+SCALE = {10: (40, None), 30: (120, None), 60: (240, None), 500: (2000, 32), 2000: (4000, 16)}  # tokens: (active, cap)
+
+
+def part_scale(sizes: list[int]) -> None:
     from cltrace.attribution import attribute
     from cltrace.models.registry import load_model
     from cltrace.replacement import random_transcoder
@@ -149,7 +152,8 @@ def part_scale() -> None:
              "invented a game for his students that would keep them active indoors during the winter . ").split()
     print("| prompt tokens | active features | feature rows kept | batch | attribution s | peak RSS MiB |")
     print("|---|---|---|---|---|---|")
-    for n, active, cap in ((10, 40, None), (30, 120, None), (60, 240, None), (500, 2000, 32), (2000, 4000, 16)):
+    for n in sizes:
+        active, cap = SCALE[n]
         text = " ".join(words * (n // len(words) + 2))
         ids = model.tokenize(text)[: n]
         tc = random_transcoder(model, "clt", 2048, active, ids=ids)
@@ -167,11 +171,14 @@ def main() -> None:
     ap.add_argument("--reuse-ct", action="store_true", help="reuse circuit-tracer runs already on disk")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for both sides (1: on a shared 2-core machine, 2 threads thrash)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(SCALE), choices=list(SCALE),
+                    help="--part scale: prompt lengths to run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sys.stdout.reconfigure(line_buffering=True)
-    {"tiny": lambda: part_tiny(args.reuse_ct), "gemma": lambda: part_gemma(args.reuse_ct), "scale": part_scale}[
-        args.part]()
+    parts = {"tiny": lambda: part_tiny(args.reuse_ct), "gemma": lambda: part_gemma(args.reuse_ct),
+             "scale": lambda: part_scale(args.sizes)}
+    parts[args.part]()
 
 
 if __name__ == "__main__":

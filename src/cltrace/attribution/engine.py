@@ -29,7 +29,7 @@ from torch import Tensor
 from cltrace.attribution.graph import Graph
 from cltrace.attribution.targets import Target, select_targets
 from cltrace.models.adapter import ModelAdapter
-from cltrace.replacement.forward import FrozenPass, frozen_forward
+from cltrace.replacement.forward import FrozenPass, frozen_forward, frozen_prefix
 from cltrace.replacement.local import LocalReplacement, build_replacement
 from cltrace.transcoders.transcoder import Transcoder
 
@@ -38,14 +38,14 @@ from cltrace.transcoders.transcoder import Transcoder
 class _Leaves:
     """The graph of one frozen forward: leaves (embedding, MLP outputs) and the read points."""
 
-    emb: Tensor  # [1, T, D] leaf
-    outs: list[Tensor]  # L leaves [1, T, D]: MLP output minus the skip term
-    reads: list[Tensor]  # L read points [1, T, D] (graph-connected)
-    final: Tensor  # [1, T, D] final_normed
+    emb: Tensor  # [1, P, D] leaf
+    outs: list[Tensor]  # leaves [1, P, D]: MLP output minus the skip term, one per layer run
+    reads: list[Tensor]  # read points [1, P, D] (graph-connected), one per layer run
+    final: Tensor | None  # [1, P, D] final_normed (None when stopped early)
 
 
-def _leaf_pass(rep: LocalReplacement, emb: Tensor, outs: list[Tensor]) -> FrozenPass:
-    """Frozen forward in which block l adds outs[l] (+ skip of its live input)."""
+def _leaf_pass(rep: LocalReplacement, emb: Tensor, outs: list[Tensor], stop_at_layer: int | None = None) -> FrozenPass:
+    """Frozen forward in which block l adds outs[l] (+ skip of its live input), on the prefix emb covers."""
     tc = rep.tc
 
     def mlp(layer: int, resid_mid: Tensor, mlp_in: Tensor) -> Tensor:
@@ -54,20 +54,27 @@ def _leaf_pass(rep: LocalReplacement, emb: Tensor, outs: list[Tensor]) -> Frozen
         x = resid_mid if rep.point == "resid_mid" else mlp_in
         return outs[layer] + (x.to(tc.W_skip.dtype) @ tc.W_skip[layer]).to(outs[layer].dtype)
 
-    return frozen_forward(rep.model, emb, rep.frozen, mlp)
+    return frozen_forward(rep.model, emb, frozen_prefix(rep.frozen, emb.shape[1]), mlp, stop_at_layer)
 
 
 def _reads(rep: LocalReplacement, fp: FrozenPass) -> list[Tensor]:
     return fp.resid_mid if rep.point == "resid_mid" else fp.mlp_in
 
 
-def build_leaves(rep: LocalReplacement) -> _Leaves:
-    """The one forward with gradients (batch 1)."""
-    emb = rep.embed[None].detach().clone().requires_grad_(True)
+def build_leaves(rep: LocalReplacement, n_pos: int | None = None, stop_at_layer: int | None = None) -> _Leaves:
+    """The forward with gradients (batch 1), on positions < n_pos and up to the read points of stop_at_layer.
+
+    By causality a target at position p depends on positions <= p only, and a read point at layer l on
+    blocks < l only, so rows whose targets all sit at positions < n_pos and layers <= stop_at_layer get
+    exactly the same gradients from this truncated pass.
+    """
+    n_pos = rep.n_pos if n_pos is None else n_pos
+    n_layers = rep.tc.n_layers if stop_at_layer is None else stop_at_layer
+    emb = rep.embed[None, :n_pos].detach().clone().requires_grad_(True)
     base = rep.mlp_out if rep.skip is None else rep.mlp_out - rep.skip
-    outs = [base[layer][None].detach().clone().requires_grad_(True) for layer in range(rep.tc.n_layers)]
+    outs = [base[layer, :n_pos][None].detach().clone().requires_grad_(True) for layer in range(n_layers)]
     with torch.enable_grad():
-        fp = _leaf_pass(rep, emb, outs)
+        fp = _leaf_pass(rep, emb, outs, stop_at_layer)
     return _Leaves(emb, outs, _reads(rep, fp), fp.final_normed)
 
 
@@ -93,91 +100,132 @@ class RowComputer:
         self.nf = len(rep.features)
         self.n_cols = self.nf + (self.L + 1) * self.T
         self.slices = rep.features.layer_slices(self.L)
+        self.err = rep.error.float()  # [L, T, D] error nodes' output vectors
+        self.emb = rep.embed.float()  # [T, D] token nodes' output vectors
         self.groups = self._build_groups()
 
     def __call__(self, seeds: list[tuple[int, int, Tensor]]) -> Tensor:
-        """seeds: (read layer, L = final_normed; pos; input vector [D]) -> rows [B, n_cols] float32."""
-        L, T, D, B = self.L, self.T, self.D, len(seeds)
+        """seeds: (read layer, L = final_normed; pos; input vector [D]) -> rows [B, n_cols] float32.
+
+        The pass runs on the prefix up to the last seed position and up to the deepest read point only
+        (causality: columns of later positions are 0, leaves at or above the deepest read point get no
+        gradient); batches with similar positions/layers (`plan_batches`) make this pay.
+        """
+        L, D, B = self.L, self.D, len(seeds)
+        P = max(s[1] for s in seeds) + 1
+        top = max(s[0] for s in seeds)
         # A fresh batch-1 forward per batch: backward passes with is_grads_batched=True on a retained graph
         # leak their batched buffers into it (torch 2.13), and the forward costs ~1/B of the backward.
-        lv = build_leaves(self.rep)
+        lv = build_leaves(self.rep, P, None if top == L else top)
         dtype, dev = lv.emb.dtype, lv.emb.device
         outputs, grad_outputs = [], []
         for layer in sorted({s[0] for s in seeds}):
-            g = torch.zeros(B, 1, T, D, dtype=dtype, device=dev)
+            g = torch.zeros(B, 1, P, D, dtype=dtype, device=dev)
             for b, (lay, pos, vec) in enumerate(seeds):
                 if lay == layer:
                     g[b, 0, pos] = vec.to(dtype)
             outputs.append(lv.final if layer == L else lv.reads[layer])
             grad_outputs.append(g)
-        top = max(s[0] for s in seeds)  # leaves at or above the deepest read point get no gradient
         inputs = [lv.emb] + lv.outs[:top]
         grads = torch.autograd.grad(outputs, inputs, grad_outputs, is_grads_batched=True, allow_unused=True)
-        return self._rows(grads, top)
+        return self._rows(grads, top, P)
 
     @torch.no_grad()
-    def _rows(self, grads: tuple, top: int) -> Tensor:
-        L, T, D = self.L, self.T, self.D
+    def _rows(self, grads: tuple, top: int, P: int) -> Tensor:
+        """Gradients on the prefix P and layers < top -> full rows (0 at later positions)."""
+        L, T, D, nf = self.L, self.T, self.D, self.nf
         B, dev = grads[0].shape[0], grads[0].device
-        g_emb = grads[0][:, 0].float()  # [B, T, D]
-        G = torch.zeros(B, L, T, D, device=dev)  # [B, L, T, D] d(target)/d(MLP output l at p)
+        G = torch.zeros(B, top, P, D, device=dev)  # d(target)/d(MLP output l at p), l < top, p < P
         for layer, g in enumerate(grads[1:]):
             if g is not None:
-                G[:, layer] = g[:, 0].float()
-        rows = torch.empty(B, self.n_cols, device=dev)
-        self._feature_cols(G, rows, top)
-        err = self.rep.error.float()
-        rows[:, self.nf:self.nf + L * T] = torch.einsum("bltd,ltd->blt", G, err).reshape(B, L * T)
-        rows[:, self.nf + L * T:] = torch.einsum("btd,td->bt", g_emb, self.rep.embed.float())
+                G[:, layer] = g[:, 0]
+        rows = torch.zeros(B, self.n_cols, device=dev)
+        self._feature_cols(G, rows, top, P)
+        rows[:, nf:nf + L * T].view(B, L, T)[:, :top, :P] = torch.einsum("bltd,ltd->blt", G, self.err[:top, :P])
+        rows[:, nf + L * T:nf + L * T + P] = torch.einsum("btd,td->bt", grads[0][:, 0].float(), self.emb[:P])
         return rows
 
     @torch.no_grad()  # transcoder weights are Parameters: without this, `rows` would record their history
-    def _feature_cols(self, G: Tensor, rows: Tensor, top: int) -> None:
+    def _feature_cols(self, G: Tensor, rows: Tensor, top: int, P: int) -> None:
         """rows[:, k] = a_k Σ_j <G[:, l_k + j, p_k], W_dec[l_k][f_k, j]>: every decoder that reaches a target.
 
         Grouped by (output layer, position): one [B, D] @ [D, n] product per group, no gathered copy of G.
         """
-        rows[:, : self.nf] = 0
         if self.groups is None:
-            return self._feature_cols_gathered(G, rows, top)
-        for layer in range(min(top, self.L)):
+            return self._feature_cols_gathered(G, rows, top, P)
+        for layer in range(top):
             for pos, cols, vecs in self.groups[layer]:
-                rows[:, cols] += G[:, layer, pos] @ vecs.T  # [B, D] @ [D, n]
+                if pos >= P:
+                    break
+                rows.index_add_(1, cols, G[:, layer, pos] @ vecs.T)  # [B, D] @ [D, n]
 
-    def _feature_cols_gathered(self, G: Tensor, rows: Tensor, top: int, chunk_elems: int = 2**24) -> None:
+    def _feature_cols_gathered(self, G: Tensor, rows: Tensor, top: int, P: int, chunk_elems: int = 2**24) -> None:
         """Long prompts (too many (layer, position) groups): gather G at the features' positions, in chunks."""
         feats, tc, B = self.rep.features, self.tc, G.shape[0]
-        Gt = G[:, :top].permute(2, 0, 1, 3).contiguous()  # [T, B, top, D]: a feature's slice is one gather
+        Gt = G.permute(2, 0, 1, 3).contiguous()  # [P, B, top, D]: a feature's slice is one gather
         for s, sl in enumerate(self.slices):
             if sl.stop == sl.start or s >= top:
                 continue
+            stop = sl.start + int(torch.searchsorted(feats.pos[sl], P))  # sorted by pos within a layer
             k = min(tc.n_out(s), top - s)  # output layers that can reach a read point in this batch
             step = max(1, chunk_elems // (B * k * self.D))
-            for c in range(sl.start, sl.stop, step):
-                e = min(c + step, sl.stop)
+            for c in range(sl.start, stop, step):
+                e = min(c + step, stop)
                 g = Gt[feats.pos[c:e], :, s:s + k].reshape(e - c, B, k * self.D)  # [c, B, k·D]
                 w = tc.W_dec[s][feats.index[c:e], :k].float().reshape(e - c, k * self.D, 1)  # [c, k·D, 1]
                 rows[:, c:e] = torch.bmm(g, w)[:, :, 0].T * feats.act[c:e].float()
 
     @torch.no_grad()
-    def _build_groups(self, max_groups: int = 4096) -> list[list[tuple[int, Tensor, Tensor]]] | None:
-        """Per output layer l: (pos, feature columns [n], decoder vectors a·W_dec[s][f, l − s] [n, D])."""
+    def _build_groups(self, max_groups: int = 4096, max_mb: float = 512) -> list[list] | None:
+        """Per output layer l, sorted by position: (pos, feature columns [n], vectors a·W_dec[s][f, l − s]
+        [n, D]) of all source layers s <= l at once. None (use the gathered path) when too many/too big."""
         feats, tc = self.rep.features, self.tc
-        n_groups = sum(tc.n_out(s) * feats.pos[sl].unique().numel() for s, sl in enumerate(self.slices))
-        if n_groups > max_groups:
+        n_vecs = sum(tc.n_out(s) * (sl.stop - sl.start) for s, sl in enumerate(self.slices))
+        n_pos = feats.pos.unique().numel()
+        if self.L * n_pos > max_groups or n_vecs * self.D * 4 > max_mb * 2**20:
             return None
-        groups: list[list] = [[] for _ in range(self.L)]
+        parts: list[list] = [[] for _ in range(self.L)]  # per output layer: (cols, pos, vecs) per source
         for s, sl in enumerate(self.slices):
             if sl.stop == sl.start:
                 continue
             vecs = tc.W_dec[s][feats.index[sl]].float() * feats.act[sl].float()[:, None, None]  # [n, n_out, D]
             cols = torch.arange(sl.start, sl.stop, device=vecs.device)
-            pos = feats.pos[sl]
             for j in range(tc.n_out(s)):
-                for p in pos.unique().tolist():
-                    m = pos == p
-                    groups[s + j].append((p, cols[m], vecs[m, j].contiguous()))
+                parts[s + j].append((cols, feats.pos[sl], vecs[:, j]))
+        groups: list[list] = []
+        for layer_parts in parts:
+            groups.append([])
+            if not layer_parts:
+                continue
+            cols = torch.cat([c for c, _, _ in layer_parts])
+            pos = torch.cat([p for _, p, _ in layer_parts])
+            vecs = torch.cat([v for _, _, v in layer_parts])
+            order = pos.argsort(stable=True)
+            cols, pos, vecs = cols[order], pos[order], vecs[order]
+            ps, counts = pos.unique_consecutive(return_counts=True)
+            for p, c, v in zip(ps.tolist(), cols.split(counts.tolist()), vecs.split(counts.tolist())):
+                groups[-1].append((p, c, v.contiguous()))
         return groups
+
+
+def plan_batches(keys: list[tuple[int, int]], batch_size: int, n_layers: int) -> list[list[int]]:
+    """keys[i] = (position, read layer) of row i -> batches (lists of i) that make truncated passes cheap.
+
+    A batch costs ~ (rows + 1) · (last position + 1) · (deepest read layer + 1). Rows are sorted by
+    (layer band, position, layer) for k equal layer bands, cut into consecutive batches, and the k with the
+    lowest estimated cost wins (k = 1: sorted by position only).
+    """
+    if not keys:
+        return []
+    best, best_cost = None, None
+    for k in range(1, n_layers + 1):
+        order = sorted(range(len(keys)), key=lambda i: (keys[i][1] * k // n_layers, keys[i][0], keys[i][1]))
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        cost = sum((len(b) + 1) * (max(keys[i][0] for i in b) + 1) * (max(keys[i][1] for i in b) + 1)
+                   for b in batches)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = batches, cost
+    return best
 
 
 def _influence_on_columns(rows: Tensor, row_col: Tensor, weights: Tensor, n_cols: int, max_iter: int = 128) -> Tensor:
@@ -245,33 +293,33 @@ def attribute(
         row_blocks.append(rc([(L, T - 1, t.vector) for t in tgts[i:i + B]]))
     timings["logit_rows"] = time.perf_counter() - t1
 
-    # feature rows: all of them in order, or the most influential ones first
+    # feature rows: all of them, or the most influential ones first (refreshed every update_interval
+    # batches); either way in batches of nearby (position, layer) that truncated passes make cheap
     t2 = time.perf_counter()
     budget = nf if max_feature_nodes is None else min(max_feature_nodes, nf)
+    f_pos, f_layer = feats.pos.tolist(), feats.layer.tolist()
     visited: list[int] = []
+
+    def run_rows(ks: list[int]) -> None:
+        for batch in plan_batches([(f_pos[k], f_layer[k]) for k in ks], B, L):
+            kb = [ks[i] for i in batch]
+            row_blocks.append(rc([feature_seed(k) for k in kb]))
+            visited.extend(kb)
+
     if budget == nf:
-        for i in range(0, nf, B):
-            ks = list(range(i, min(i + B, nf)))
-            row_blocks.append(rc([feature_seed(k) for k in ks]))
-            visited += ks
+        run_rows(list(range(nf)))
     else:
         seen = torch.zeros(nf, dtype=torch.bool, device=dev)
         weights = torch.tensor([t.prob for t in tgts], device=dev)
-        queue: list[int] = []
-        n_batches = 0
         while len(visited) < budget:
-            if not queue or n_batches % update_interval == 0:
-                rows = torch.cat(row_blocks)
-                row_col = torch.tensor([rc.n_cols] * len(tgts) + visited, device=dev)
-                w = torch.cat([weights, torch.zeros(len(visited), device=dev)])
-                inf = _influence_on_columns(rows, row_col, w, rc.n_cols)[:nf]
-                inf[seen] = -1
-                queue = inf.argsort(descending=True)[: budget - len(visited)].tolist()
-            ks, queue = queue[:B], queue[B:]
-            row_blocks.append(rc([feature_seed(k) for k in ks]))
-            visited += ks
+            rows = torch.cat(row_blocks)
+            row_col = torch.tensor([rc.n_cols] * len(tgts) + visited, device=dev)
+            w = torch.cat([weights, torch.zeros(len(visited), device=dev)])
+            inf = _influence_on_columns(rows, row_col, w, rc.n_cols)[:nf]
+            inf[seen] = -1
+            ks = inf.argsort(descending=True)[: min(budget - len(visited), update_interval * B)].tolist()
+            run_rows(ks)
             seen[ks] = True
-            n_batches += 1
     timings["feature_rows"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()

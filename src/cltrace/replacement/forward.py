@@ -23,11 +23,25 @@ MlpFn = Callable[[int, Tensor, Tensor], Tensor]
 class FrozenPass:
     resid_mid: list[Tensor]  # [B, T, D] per layer
     mlp_in: list[Tensor]  # [B, T, D] per layer
-    final_normed: Tensor  # [B, T, D]
+    final_normed: Tensor | None  # [B, T, D]; None when stopped early
 
 
-def frozen_forward(model: ModelAdapter, embed: Tensor, frozen: Frozen, mlp: MlpFn) -> FrozenPass:
-    """embed [B, T, D] (what enters block 0) -> every layer's MLP read points and the final-normed stream."""
+def frozen_prefix(frozen: Frozen, n_pos: int) -> Frozen:
+    """The frozen patterns/scales of positions < n_pos: by causality, the pass of the prefix ids[:n_pos]."""
+    if frozen.patterns and frozen.patterns[0].shape[-1] == n_pos:
+        return frozen
+    patterns = [p[..., :n_pos, :n_pos] for p in frozen.patterns]
+    return Frozen(patterns, {k: v[:, :n_pos] for k, v in frozen.scales.items()})
+
+
+def frozen_forward(model: ModelAdapter, embed: Tensor, frozen: Frozen, mlp: MlpFn,
+                   stop_at_layer: int | None = None) -> FrozenPass:
+    """embed [B, T, D] (what enters block 0) -> every layer's MLP read points and the final-normed stream.
+
+    embed may be a prefix (T smaller than the frozen pass's) when `frozen` is `frozen_prefix(.., T)`.
+    stop_at_layer: stop once the read points of that layer are computed (its MLP and later blocks are not
+    run, `mlp` is called for earlier layers only, final_normed is None).
+    """
     fam, record = model.family, Frozen()  # `record` is required by the adapter's pieces; unused here
     x = embed
     resid_mid, mlp_in = [], []
@@ -41,6 +55,8 @@ def frozen_forward(model: ModelAdapter, embed: Tensor, frozen: Frozen, mlp: MlpF
         m_in = model.norm(norms["mlp_in"], x, f"{layer}.mlp_in", frozen, record)
         resid_mid.append(x)
         mlp_in.append(m_in)
+        if layer == stop_at_layer:
+            return FrozenPass(resid_mid, mlp_in, None)
         x = x + mlp(layer, x, m_in)
     final = model.norm(fam.final_norm(model.body), x, "final", frozen, record)
     return FrozenPass(resid_mid, mlp_in, final)
