@@ -441,3 +441,136 @@ def test_torchrun_cli_feature_sharded_then_merge(tmp_path):
     assert main(["-q", "merge-shards", str(out), "--out", str(tmp_path / "merged")]) == 0
     tc = load_transcoder(tmp_path / "merged")
     assert tc.n_features == 16 and tc.n_layers == load_transcoder(out).n_layers
+
+
+# ---------------------------------------------------------------------- data parallel over shares of the corpus
+class UnionOfShares:
+    """The single-process reference: each batch is the concatenation of the shares' batches of the same step."""
+
+    def __init__(self, shares):
+        self.shares = shares
+        self.n_layers, self.d_model = shares[0].n_layers, shares[0].d_model
+
+    def batches(self, batch_size: int, *, seed: int = 0, track: bool = True):
+        its = [s.batches(batch_size, seed=seed, track=track) for s in self.shares]  # each: batch_size / W rows
+        for parts in zip(*its):
+            yield torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def share_sources(kind: str, cfg: TrainConfig, world: int = 2):
+    from cltrace.data import CachedActivations, StreamingActivations
+    from cltrace.models.registry import load_model
+
+    if kind == "cache":
+        return [CachedActivations(cfg.cache, rank=r, world=world) for r in range(world)]
+    model = load_model(cfg.model, device="cpu")
+    return [StreamingActivations(model, cfg.corpus or None, context_len=cfg.context_len,
+                                 buffer_tokens=cfg.shuffle_buffer, rank=r, world=world) for r in range(world)]
+
+
+def share_cfg(tmp_path: Path, out: Path, kind: str, **kw) -> TrainConfig:
+    """A real source as `train` builds it (cache, or streaming from a tiny model); ReLU (see the note above)."""
+    from cltrace.models.tiny import save_tiny
+
+    root = tmp_path.parent if out.parent != tmp_path else tmp_path
+    model_dir = root / "tiny"
+    if not model_dir.exists():
+        save_tiny("llama", model_dir)
+    if kind == "cache":
+        from cltrace.data import write_activation_cache
+        from cltrace.models.registry import load_model
+
+        cache = root / "cache"
+        if not cache.exists():
+            write_activation_cache(load_model(str(model_dir), device="cpu"), None, cache, 1024, context_len=16,
+                                   shard_tokens=200, progress=False)
+        src = {"cache": str(cache)}
+    else:
+        src = {"model": str(model_dir), "context_len": 16, "shuffle_buffer": 256}
+    return trainer_cfg(out, activation="relu", checkpoint_minutes=0, **src, **kw)
+
+
+def worker_trainer_shares(rank: int, cfg: TrainConfig, resume: bool, until: int | None):
+    """`train` builds its own source, as under torchrun: this data rank's share of the corpus."""
+    from cltrace.training import trainer as trainer_mod
+
+    seen = {}
+    run_step = trainer_mod.Trainer.train_step
+
+    def recording(self, x, y):  # what this rank trains on
+        seen.setdefault("rows", []).append(x.clone())
+        seen["share"] = (self.source.rank, self.source.world, self.source_share)
+        return run_step(self, x, y)
+
+    trainer_mod.Trainer.train_step = recording
+    tc = train_run(cfg, model_name="tiny", resume=resume, until_step=until)
+    return {"state": {k: v.detach().clone() for k, v in tc.state_dict().items()}, "share": seen.get("share"),
+            "rows": torch.cat(seen["rows"]) if "rows" in seen else None}
+
+
+@pytest.mark.parametrize("kind", ["cache", "stream"])
+def test_trainer_data_parallel_shares_equal_single_process_on_their_union(tmp_path, kind):
+    """Each rank streams its own share (disjoint: tests/test_data.py); 2 ranks = 1 process on the union."""
+    cfg = share_cfg(tmp_path, tmp_path / "dp", kind)
+    results = launch(worker_trainer_shares, 2, tmp_path, cfg, False, None, timeout=90)
+    assert [r["share"] for r in results] == [(0, 2, True), (1, 2, True)]
+    assert all(r["rows"].shape[0] == 4 * 32 for r in results)  # 4 steps of 64 / 2 rows, computed by the rank
+    single = share_cfg(tmp_path, tmp_path / "single", kind)
+    union = UnionOfShares(share_sources(kind, single))
+    ref = train_run(single, source=union, model_name="tiny")
+    got = load_transcoder(tmp_path / "dp")
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_trainer_data_parallel_shares_resume_exactly(tmp_path):
+    straight = share_cfg(tmp_path, tmp_path / "straight", "cache")
+    launch(worker_trainer_shares, 2, tmp_path / "a", straight, False, None, timeout=90)
+    cfg = share_cfg(tmp_path, tmp_path / "resumed", "cache")
+    launch(worker_trainer_shares, 2, tmp_path / "b", cfg, False, 2, timeout=90)  # stops after the step-2 checkpoint
+    from cltrace.training.checkpoint import latest_checkpoint, load_checkpoint
+
+    _, meta = load_checkpoint(latest_checkpoint(tmp_path / "resumed" / "checkpoints"))
+    assert [s["config"]["share"] for s in meta["source_shares"]] == [[0, 2], [1, 2]]  # each rank's own position
+    launch(worker_trainer_shares, 2, tmp_path / "c", cfg, True, None, timeout=90)
+    a, b = load_transcoder(tmp_path / "straight"), load_transcoder(tmp_path / "resumed")
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+# ---------------------------------------------------------------------- clipping by the global norm
+def worker_clip(rank: int, feature_shards: int):
+    """One backward on this rank's rows and features, averaged over data ranks, clipped by the global norm."""
+    d = init_distributed(feature_shards, "cpu", timeout_s=60)
+    full = full_init(make_cfg(skip=True))
+    tc = shard_transcoder(full, d.fp_rank, d.fp_size) if d.fp_size > 1 else full
+    x, y = d.split_batch(*data(1, seed=4)[0])
+    _, acts, recon = sharded_forward(tc.train(), x, d, sparse="never")
+    penalty = d.sum_over_features((acts * tc.decoder_norms()).sum((1, 2)).mean())
+    (((recon - y) ** 2).sum(-1).mean() + LAMBDA * penalty).backward()
+    d.average_gradients(tc.parameters())
+    norm = d.clip_grad_norm(tc.parameters(), CLIP, shared=shared_parameters(tc))
+    grads = {k: p.grad.clone() for k, p in tc.named_parameters()}
+    shutdown(d)
+    return {"norm": norm, "grads": grads, "fp_rank": d.fp_rank}
+
+
+@pytest.mark.parametrize("world,feature_shards", [(2, 2), (4, 2)])  # feature shards; 2 x 2 mesh
+def test_sharded_clipping_equals_unsharded(tmp_path, world, feature_shards):
+    full = full_init(make_cfg(skip=True))
+    x, y = data(1, seed=4)[0]
+    _, acts, recon = sharded_forward(full.train(), x, Dist(), sparse="never")
+    (((recon - y) ** 2).sum(-1).mean() + LAMBDA * (acts * full.decoder_norms()).sum((1, 2)).mean()).backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(full.parameters(), CLIP)
+    assert ref_norm > 2 * CLIP  # clipping acts: a rank using only its own norm would scale differently
+    results = launch(worker_clip, world, tmp_path, feature_shards, timeout=90)
+    for res in results:
+        torch.testing.assert_close(res["norm"], ref_norm, rtol=1e-5, atol=1e-6)
+        lo, hi = shard_bounds(F, feature_shards)[res["fp_rank"]]
+        for k, g in res["grads"].items():
+            want = full.get_parameter(k).grad
+            if k in ("W_enc", "b_enc", "log_threshold"):
+                want = want[..., lo:hi]
+            elif k.startswith("W_dec."):
+                want = want[lo:hi]
+            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-7, msg=k)

@@ -82,9 +82,11 @@ class Dist:
     def split_batch(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         """Rows of a global batch [B, ...] for this data rank: contiguous slice dp_rank of dp_size.
 
-        Every rank draws the same global batch (same source, same seed) and keeps its own rows, so no two
-        data ranks train on the same tokens and the union is exactly the single-process batch. B must be a
-        multiple of dp_size (equal rows per rank keep the averaged gradient equal to the global mean's).
+        For sources that serve the whole stream (an in-memory source): every rank draws the same global
+        batch (same source, same seed) and keeps its own rows, so no two data ranks train on the same tokens
+        and the union is exactly the single-process batch. The trainer's own sources are built as shares
+        instead (`source_is_share`), so each rank computes only its own rows. B must be a multiple of
+        dp_size (equal rows per rank keep the averaged gradient equal to the global mean's).
         """
         if self.dp_size == 1:
             return tensors
@@ -93,6 +95,51 @@ class Dist:
             raise CltraceError(f"batch size {B} is not a multiple of the {self.dp_size} data-parallel ranks")
         n = B // self.dp_size
         return tuple(t[self.dp_rank * n:(self.dp_rank + 1) * n] for t in tensors)
+
+    def source_is_share(self, source) -> bool:
+        """Whether `source` serves this data rank's own share of the corpus (`rank`/`world` attributes, as
+        `StreamingActivations(..., rank=dp_rank, world=dp_size)`): its batches are then this rank's rows
+        already, and `split_batch` must not be applied. A whole-stream source (world 1) is split as before."""
+        world = int(getattr(source, "world", 1) or 1)
+        if world == 1:
+            return False
+        if (int(getattr(source, "rank", 0)), world) != (self.dp_rank, self.dp_size):
+            raise CltraceError(f"the activation source is share {getattr(source, 'rank', 0)} of {world}, but this "
+                               f"process is data rank {self.dp_rank} of {self.dp_size}: build it with "
+                               f"rank={self.dp_rank}, world={self.dp_size}")
+        return True
+
+    def sum_over_data(self, t: Tensor) -> Tensor:
+        """In-place sum over the data group (statistics of every rank's share: normalization scalars)."""
+        if self.dp_size == 1:
+            return t
+        if t.device == self.device:
+            return self.all_reduce(t, group=self.dp_group, kind="metrics")
+        return t.copy_(self.all_reduce(t.to(self.device), group=self.dp_group, kind="metrics"))  # nccl: on the GPU
+
+    def gather_over_data(self, t: Tensor) -> Tensor:
+        """Rows [n_r, ...] of every data rank (n_r may differ) -> [Σ n_r, ...], in data-rank order."""
+        if self.dp_size == 1:
+            return t
+        home, t = t.device, t.to(self.device).contiguous()  # nccl gathers GPU tensors
+        n = torch.tensor([t.shape[0]], device=t.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.dp_size)]
+        dist.all_gather(sizes, n, group=self.dp_group)
+        sizes = [int(s) for s in sizes]
+        pad = t.new_zeros((max(sizes), *t.shape[1:]))
+        pad[:t.shape[0]] = t
+        parts = [torch.empty_like(pad) for _ in sizes]
+        self.comm_bytes["metrics"] += pad.numel() * pad.element_size() * self.dp_size
+        dist.all_gather(parts, pad, group=self.dp_group)
+        return torch.cat([p[:k] for p, k in zip(parts, sizes)]).to(home)
+
+    def gather_objects_over_data(self, obj) -> list:
+        """[obj of data rank 0, 1, ...] on every rank of the data group (each share's source state)."""
+        if self.dp_size == 1:
+            return [obj]
+        out = [None] * self.dp_size
+        dist.all_gather_object(out, obj, group=self.dp_group)
+        return out
 
     def average_gradients(self, params: Iterable[torch.nn.Parameter], bucket_mb: float = 64.0) -> None:
         """Mean of each gradient over the data group: one all-reduce per bucket of flattened gradients.

@@ -11,7 +11,9 @@
     at the end: fold the normalization into the weights, save_transcoder, plot the curves
 
 The distributed hooks (`split_batch`, `sum_over_features`, `average_gradients`) come from
-`cltrace.training.distributed.Dist`; single-process runs get the identity version.
+`cltrace.training.distributed.Dist`; single-process runs get the identity version. Under data parallelism
+the source built by `train` is this rank's share of the corpus (`rank`/`world`): its batches are this rank's
+rows, not split again.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.out = Path(cfg.out)
         self.model_name = model_name
+        self.source_share = self.dist.source_is_share(source)  # batches are this data rank's rows already
         L, D = source.n_layers, source.d_model
         tc_cfg = TranscoderConfig(
             kind=cfg.kind, n_layers=L, d_model=D, n_features=cfg.features_per_layer, activation=cfg.activation,
@@ -90,24 +93,34 @@ class Trainer:
     def initialize(self) -> None:
         """Fresh start: normalization scalars, output variances and JumpReLU thresholds from data."""
         cfg, L, D = self.cfg, self.source.n_layers, self.source.d_model
+        # a share reads its part of norm_tokens (and of the threshold rows); the sums are added over data ranks
+        W = self.dist.dp_size if self.source_share else 1
+        norm_tokens, first_rows = max(1, cfg.norm_tokens // W), 4096 // W
+        size = min(cfg.batch_size, max(W, cfg.norm_tokens // W * W))
         try:
-            batches = self.source.batches(min(cfg.batch_size, cfg.norm_tokens), seed=cfg.seed + 7919, track=False)
+            batches = self.source.batches(size, seed=cfg.seed + 7919, track=False)
         except TypeError:  # a source without the track option
-            batches = self.source.batches(min(cfg.batch_size, cfg.norm_tokens), seed=cfg.seed + 7919)
+            batches = self.source.batches(size, seed=cfg.seed + 7919)
         sx = torch.zeros(L, dtype=torch.float64)
         sy = torch.zeros(L, dtype=torch.float64)
         my = torch.zeros(L, D, dtype=torch.float64)
         first_x, seen = [], 0
         for x, y in batches:
-            x, y = x[: cfg.norm_tokens - seen].double(), y[: cfg.norm_tokens - seen].double()
+            x, y = x[: norm_tokens - seen].double(), y[: norm_tokens - seen].double()
             sx += x.pow(2).sum((0, 2))
             sy += y.pow(2).sum((0, 2))
             my += y.sum(0)
-            if seen < 4096:
-                first_x.append(x[: 4096 - seen].float())
+            if seen < first_rows:
+                first_x.append(x[: first_rows - seen].float())
             seen += len(x)
-            if seen >= cfg.norm_tokens:
+            if seen >= norm_tokens:
                 break
+        if self.source_share:  # every data rank gets the statistics of the union of the shares' rows
+            seen_t = self.dist.sum_over_data(torch.tensor([float(seen)], dtype=torch.float64))
+            for t in (sx, sy, my):
+                self.dist.sum_over_data(t)
+            seen = int(seen_t.item())
+            first_x = [self.dist.gather_over_data(torch.cat(first_x))]
         if seen == 0:
             raise CltraceError("the activation source gave no rows: is the corpus empty?")
         x_scale = (sx / (seen * D)).sqrt()
@@ -146,6 +159,12 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         self.step = int(meta["step"])
         src_state = meta.get("source")
+        if self.source_share:  # a share resumes from its own state
+            shares = meta.get("source_shares") or []
+            if len(shares) != self.dist.dp_size:
+                raise CltraceError(f"{path} holds the source positions of {len(shares)} data ranks, this run has "
+                                   f"{self.dist.dp_size}: resume with the same world size and --feature-shards")
+            src_state = shares[self.dist.dp_rank]
         if src_state is not None and hasattr(self.source, "load_state_dict"):
             self.source.load_state_dict(src_state)
             self._skip_batches = 0
@@ -157,6 +176,9 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         from cltrace.training.distributed import checkpoint_dir
 
+        src_state = self.source.state_dict() if hasattr(self.source, "state_dict") else None
+        # every data rank's position in its own share (a collective: every rank calls save_checkpoint)
+        shares = self.dist.gather_objects_over_data(src_state) if self.source_share else None
         if not (self.dist.is_main or (self.dist.writes_shard and self.dist.fp_size > 1)):
             return None
         tensors = {f"tc.{k}": v for k, v in self.tc.state_dict().items()}
@@ -168,7 +190,9 @@ class Trainer:
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
         meta = {"optimizer": opt_meta, "tokens": self.step * self.cfg.batch_size, "config": self.cfg.to_dict(),
-                "source": self.source.state_dict() if hasattr(self.source, "state_dict") else None}
+                "source": src_state}
+        if shares is not None:
+            meta["source_shares"] = shares
         root = checkpoint_dir(self.out, self.dist)
         self.last_checkpoint = save_checkpoint(root, self.step, tensors, meta, keep=self.cfg.keep_checkpoints)
         self._last_ckpt_time = time.monotonic()
@@ -185,7 +209,8 @@ class Trainer:
         from cltrace.training.sharding import sharded_auxk_acts, sharded_forward, shared_parameters
 
         cfg, tc, d = self.cfg, self.tc, self.dist
-        x, y = d.split_batch(x, y)  # this data rank's rows, before they travel to the device
+        if not self.source_share:  # a whole-stream source: keep this data rank's rows of the global batch
+            x, y = d.split_batch(x, y)
         x = x.to(self.device, torch.float32) / self.x_scale[:, None]
         y = y.to(self.device, torch.float32) / self.y_scale[:, None]
         lr = cfg.lr * lr_factor(self.step, cfg.steps, cfg.warmup, cfg.decay, cfg.min_lr)
@@ -349,24 +374,29 @@ def _progress(cfg: TrainConfig, d, step: int, total: int):
 
 
 # ---------------------------------------------------------------------- the entry point
-def open_source(cfg: TrainConfig, *, device=None, model=None):
-    """(activation source, model name) for a config: an activation cache or activations streamed from the model."""
+def open_source(cfg: TrainConfig, *, device=None, model=None, dist=None):
+    """(activation source, model name) for a config: an activation cache or activations streamed from the model.
+
+    dist: under data parallelism, the source is this data rank's share (rank dp_rank of dp_size): no two
+    data ranks read the same rows or run the model on the same contexts.
+    """
     from cltrace.data import CachedActivations, StreamingActivations
 
+    share = {"rank": dist.dp_rank, "world": dist.dp_size} if dist is not None and dist.dp_size > 1 else {}
     if cfg.cache:
         if not Path(cfg.cache).exists():
             raise CltraceError(f"no activation cache at {cfg.cache}: write one first (or drop --cache to stream)")
         name = cfg.model or None
         if model is not None:
             name = model.name
-        src = CachedActivations(cfg.cache, model=name)
+        src = CachedActivations(cfg.cache, model=name, **share)
         return src, src.manifest["model"]
     if model is None:
         from cltrace.models.registry import DEFAULT_MODEL, load_model
 
         model = load_model(cfg.model or DEFAULT_MODEL, device=device or "cpu")
     src = StreamingActivations(model, cfg.corpus or None, context_len=cfg.context_len,
-                               buffer_tokens=cfg.shuffle_buffer or None)
+                               buffer_tokens=cfg.shuffle_buffer or None, **share)
     return src, model.name
 
 
@@ -392,7 +422,7 @@ def train(cfg: TrainConfig, *, source=None, model=None, model_name: str = "", re
     if ckpt is not None:
         _check_same_config(cfg, out / CONFIG_FILE)
     if source is None:
-        source, model_name = open_source(cfg, device=resolve_device(cfg.device), model=model)
+        source, model_name = open_source(cfg, device=resolve_device(cfg.device), model=model, dist=dist)
     model_name = model_name or getattr(model, "name", "") or cfg.model
     trainer = Trainer(cfg, source, model_name=model_name, dist=dist, log=log if dist.is_main else None)
     out.mkdir(parents=True, exist_ok=True)
