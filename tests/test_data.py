@@ -385,7 +385,7 @@ def test_streaming_shares_disjoint_and_complete(monkeypatch):
     runs = {}
     for name, share in {"single": {}, "r0": dict(rank=0, world=2), "r1": dict(rank=1, world=2)}.items():
         seen["now"] = []
-        src = StreamingActivations(model, DOCS[:12], **kw, **share)
+        src = StreamingActivations(model, DOCS[:8], **kw, **share)
         got = list(src.batches(2 if share else 1, seed=0))  # one row a batch: every row, to the end
         runs[name] = (torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got]), seen["now"], src.model_tokens)
     contexts = runs["single"][2]
