@@ -25,7 +25,8 @@ def add_parser(sub, name: str) -> None:
                    help="attribution graph of the same prompt (`cltrace trace`): its nodes are watched by default "
                         "and its direct prediction is shown next to the measured change")
     p.add_argument("--node", action="append", default=[], metavar="ID[=V]",
-                   help="a graph feature node id LAYER_FEATURE_POS: set it to V, or turn it off without =V")
+                   help="a graph feature node id LAYER_FEATURE_POS, or 'top' for the graph's most influential "
+                        "feature: set it to V, or turn it off without =V")
     p.add_argument("--mode", choices=["constrained", "free"], default="constrained",
                    help="constrained: inside the prompt's local replacement model (errors, attention and norms "
                         "frozen); free: in the real model, everything downstream recomputing (default constrained)")
@@ -53,8 +54,24 @@ def interventions_from_args(args) -> list:
             raise CltraceError(f"--zero {s!r} takes no value: write LAYER:FEATURE[@POS]")
         ivs.append(Intervention(layer, feature, 0.0, pos, "set"))
     for s in args.node:
-        ivs.append(parse_intervention(s if "=" in s else s + "=0", "set"))
+        node, _, value = s.partition("=")
+        if node == "top":
+            node = top_node(args.graph)
+        ivs.append(parse_intervention(f"{node}={value or 0}", "set"))
     return ivs
+
+
+def top_node(graph_path: str | None) -> str:
+    """The id LAYER_FEATURE_POS of the graph's most influential feature node (after pruning)."""
+    from cltrace.attribution import Graph
+    from cltrace.interventions.graph import graph_watch
+
+    if graph_path is None:
+        raise CltraceError("--node top needs --graph FILE")
+    top = graph_watch(Graph.load(graph_path), set(), 1)
+    if not top:
+        raise CltraceError(f"the graph {graph_path} has no feature node left after pruning")
+    return f"{top[0].layer}_{top[0].feature}_{top[0].pos}"
 
 
 def run(args, ctx) -> int:
