@@ -381,6 +381,7 @@ def open_source(cfg: TrainConfig, *, device=None, model=None, dist=None):
     data ranks read the same rows or run the model on the same contexts.
     """
     from cltrace.data import CachedActivations, StreamingActivations
+    from cltrace.data.activations import default_buffer_tokens
 
     share = {"rank": dist.dp_rank, "world": dist.dp_size} if dist is not None and dist.dp_size > 1 else {}
     if cfg.cache:
@@ -395,8 +396,11 @@ def open_source(cfg: TrainConfig, *, device=None, model=None, dist=None):
         from cltrace.models.registry import DEFAULT_MODEL, load_model
 
         model = load_model(cfg.model or DEFAULT_MODEL, device=device or "cpu")
-    src = StreamingActivations(model, cfg.corpus or None, context_len=cfg.context_len,
-                               buffer_tokens=cfg.shuffle_buffer or None, **share)
+    # a short run needs no 2 GB buffer: filling it would cost more model passes than the run itself
+    buffer = cfg.shuffle_buffer or min(default_buffer_tokens(model.n_layers, model.d_model),
+                                       max(cfg.tokens, cfg.norm_tokens, 8 * cfg.batch_size))
+    src = StreamingActivations(model, cfg.corpus or None, context_len=cfg.context_len, buffer_tokens=buffer,
+                               **share)
     return src, model.name
 
 
