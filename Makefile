@@ -38,8 +38,19 @@ $(STAMP): pyproject.toml
 models: $(STAMP)
 	$(VENV)/bin/cltrace models --prepare
 
+# The main job on the default model: predict, train a small CLT once (a few minutes on a laptop CPU; kept in
+# runs/demo/clt), trace the prompt's attribution graph (+ PNG + viewer JSON), then inhibit its top feature.
+DEMO := runs/demo
+CLTRACE := $(VENV)/bin/cltrace
 demo: $(STAMP) models
-	$(VENV)/bin/cltrace predict "$(PROMPT)" --top 5
+	$(CLTRACE) predict "$(PROMPT)" --top 5
+	@test -f $(DEMO)/clt/transcoder.safetensors || $(CLTRACE) train --model gemma-3-270m --kind clt \
+	  --features-per-layer 512 --activation batchtopk --k 16 --tokens 16384 --batch-size 1024 --out $(DEMO)/clt
+	$(CLTRACE) trace "$(PROMPT)" --transcoders $(DEMO)/clt --max-features 400 --out $(DEMO)/graph.safetensors \
+	  --png $(DEMO)/graph.png --export-json $(DEMO)/viewer --slug demo
+	$(CLTRACE) intervene "$(PROMPT)" --transcoders $(DEMO)/clt --graph $(DEMO)/graph.safetensors --node top \
+	  --mode free --generate 8
+	@echo "graph picture: $(DEMO)/graph.png   viewer JSON: $(DEMO)/viewer/demo.json"
 
 test: $(STAMP) models
 	$(VENV)/bin/pytest -q --durations=15
