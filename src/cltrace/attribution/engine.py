@@ -133,31 +133,34 @@ class RowComputer:
     @torch.no_grad()
     def _rows(self, grads: tuple, top: int, P: int) -> Tensor:
         """Gradients on the prefix P and layers < top -> full rows (0 at later positions)."""
-        L, T, D, nf = self.L, self.T, self.D, self.nf
+        L, T, nf = self.L, self.T, self.nf
         B, dev = grads[0].shape[0], grads[0].device
-        G = torch.zeros(B, top, P, D, device=dev)  # d(target)/d(MLP output l at p), l < top, p < P
-        for layer, g in enumerate(grads[1:]):
-            if g is not None:
-                G[:, layer] = g[:, 0]
+        # d(target)/d(MLP output l at p), l < top, p < P: every leaf below the deepest read point is reached
+        Gs = [g[:, 0].float() for g in grads[1:]]  # top × [B, P, D]
         rows = torch.zeros(B, self.n_cols, device=dev)
-        self._feature_cols(G, rows, top, P)
-        rows[:, nf:nf + L * T].view(B, L, T)[:, :top, :P] = torch.einsum("bltd,ltd->blt", G, self.err[:top, :P])
+        self._feature_cols(Gs, rows, top, P)
+        err_cols = rows[:, nf:nf + L * T].view(B, L, T)
+        for layer, g in enumerate(Gs):
+            err_cols[:, layer, :P] = torch.einsum("btd,td->bt", g, self.err[layer, :P])
         rows[:, nf + L * T:nf + L * T + P] = torch.einsum("btd,td->bt", grads[0][:, 0].float(), self.emb[:P])
         return rows
 
     @torch.no_grad()  # transcoder weights are Parameters: without this, `rows` would record their history
-    def _feature_cols(self, G: Tensor, rows: Tensor, top: int, P: int) -> None:
+    def _feature_cols(self, Gs: list[Tensor], rows: Tensor, top: int, P: int) -> None:
         """rows[:, k] = a_k Σ_j <G[:, l_k + j, p_k], W_dec[l_k][f_k, j]>: every decoder that reaches a target.
 
         Grouped by (output layer, position): one [B, D] @ [D, n] product per group, no gathered copy of G.
         """
         if self.groups is None:
-            return self._feature_cols_gathered(G, rows, top, P)
+            if Gs:  # else every target reads at layer 0: no feature reaches it
+                self._feature_cols_gathered(torch.stack(Gs, 1), rows, top, P)
+            return
         for layer in range(top):
+            g = Gs[layer]
             for pos, cols, vecs in self.groups[layer]:
                 if pos >= P:
                     break
-                rows.index_add_(1, cols, G[:, layer, pos] @ vecs.T)  # [B, D] @ [D, n]
+                rows.index_add_(1, cols, g[:, pos] @ vecs.T)  # [B, D] @ [D, n]
 
     def _feature_cols_gathered(self, G: Tensor, rows: Tensor, top: int, P: int, chunk_elems: int = 2**24) -> None:
         """Long prompts (too many (layer, position) groups): gather G at the features' positions, in chunks."""
@@ -208,23 +211,26 @@ class RowComputer:
         return groups
 
 
-def plan_batches(keys: list[tuple[int, int]], batch_size: int, n_layers: int) -> list[list[int]]:
+def plan_batches(keys: list[tuple[int, int]], sizes: list[int], n_layers: int, overhead: float = 3.0
+                 ) -> list[list[int]]:
     """keys[i] = (position, read layer) of row i -> batches (lists of i) that make truncated passes cheap.
 
-    A batch costs ~ (rows + 1) · (last position + 1) · (deepest read layer + 1). Rows are sorted by
-    (layer band, position, layer) for k equal layer bands, cut into consecutive batches, and the k with the
-    lowest estimated cost wins (k = 1: sorted by position only).
+    A batch costs ~ (rows + overhead) · (last position + 1) · (deepest read layer + 1): the backward of each
+    row plus the batch's own forward and bookkeeping (~3 rows on CPU). Rows are sorted by (layer band,
+    position, layer) for k equal layer bands, cut into consecutive batches of each size in `sizes`, and the
+    cheapest (k, size) wins (k = 1: sorted by position only).
     """
     if not keys:
         return []
     best, best_cost = None, None
     for k in range(1, n_layers + 1):
         order = sorted(range(len(keys)), key=lambda i: (keys[i][1] * k // n_layers, keys[i][0], keys[i][1]))
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        cost = sum((len(b) + 1) * (max(keys[i][0] for i in b) + 1) * (max(keys[i][1] for i in b) + 1)
-                   for b in batches)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = batches, cost
+        for size in sizes:
+            batches = [order[i:i + size] for i in range(0, len(order), size)]
+            cost = sum((len(b) + overhead) * (max(keys[i][0] for i in b) + 1) * (max(keys[i][1] for i in b) + 1)
+                       for b in batches)
+            if best_cost is None or cost < best_cost:
+                best, best_cost = batches, cost
     return best
 
 
@@ -300,8 +306,15 @@ def attribute(
     f_pos, f_layer = feats.pos.tolist(), feats.layer.tolist()
     visited: list[int] = []
 
+    # CPU: per-row cost hardly depends on the batch size above ~16, so smaller batches that truncate
+    # tighter can win; on an accelerator, larger batches are what pays
+    sizes = [B] if dev.type != "cpu" else sorted({B, max(1, B // 2), max(1, B // 4)})
+    n_batches = 0
+
     def run_rows(ks: list[int]) -> None:
-        for batch in plan_batches([(f_pos[k], f_layer[k]) for k in ks], B, L):
+        nonlocal n_batches
+        for batch in plan_batches([(f_pos[k], f_layer[k]) for k in ks], sizes, L):
+            n_batches += 1
             kb = [ks[i] for i in batch]
             row_blocks.append(rc([feature_seed(k) for k in kb]))
             visited.extend(kb)
@@ -329,9 +342,9 @@ def attribute(
         graph.meta["max_logit_error"] = float((rep.forward(last_only=True)[-1].float() - ref).abs().max())
     timings["assemble"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
-    graph.meta.update(seconds=timings, batch_size=B, n_active_features=nf, dtype=str(leaves.emb.dtype),
-                      model=model.name, transcoder_kind=tc.cfg.kind, transcoder_input=rep.point,
-                      scan=tc.cfg.extra.get("scan", ""))
+    graph.meta.update(seconds=timings, batch_size=B, n_feature_batches=n_batches, n_active_features=nf,
+                      dtype=str(leaves.emb.dtype), model=model.name, transcoder_kind=tc.cfg.kind,
+                      transcoder_input=rep.point, scan=tc.cfg.extra.get("scan", ""))
     if log:
         log(f"attribution: {nf} active features, {len(visited)} rows of features, {len(tgts)} logits, "
             f"{timings['total']:.2f}s")
