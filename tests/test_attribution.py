@@ -204,3 +204,34 @@ def test_long_prompt_path_gives_same_edges(setup, monkeypatch):
     orig = engine.RowComputer._build_groups
     monkeypatch.setattr(engine.RowComputer, "_build_groups", lambda self: orig(self, max_groups=0))
     assert torch.allclose(attribute(model, tc, ids, batch_size=16).edges, g.edges, atol=1e-5)
+
+
+def test_truncated_pass_equals_the_full_one():
+    """A batch's pass on the prefix ids[:n] up to the read points of one layer sees exactly the full pass."""
+    from cltrace.attribution.engine import build_leaves
+
+    model = tiny_model("gemma3")
+    ids = model.tokenize(PROMPT)
+    tc = random_transcoder(model, "clt", 64, 8, ids=ids)
+    rep = build_replacement(model, tc, ids)
+    full = build_leaves(rep)
+    for n_pos, stop in ((3, 1), (ids.numel() - 1, 0), (ids.numel(), 2)):
+        part = build_leaves(rep, n_pos, stop)
+        assert len(part.reads) == stop + 1 and len(part.outs) == stop and part.final is None
+        for layer in range(stop + 1):
+            assert torch.allclose(part.reads[layer][0], full.reads[layer][0, :n_pos], atol=1e-6)
+
+
+def test_plan_batches_covers_every_row_once():
+    from cltrace.attribution.engine import plan_batches
+
+    gen = torch.Generator().manual_seed(0)
+    keys = list(zip(torch.randint(1, 40, (500,), generator=gen).tolist(),
+                    torch.randint(0, 12, (500,), generator=gen).tolist()))
+    batches = plan_batches(keys, [8, 16, 32], 12)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    assert max(len(b) for b in batches) <= 32
+
+    def cost(bs):  # much cheaper than batches in the given order
+        return sum((len(b) + 3) * (max(keys[i][0] for i in b) + 1) * (max(keys[i][1] for i in b) + 1) for b in bs)
+    assert cost(batches) < 0.8 * cost([list(range(i, min(i + 32, 500))) for i in range(0, 500, 32)])
