@@ -257,12 +257,19 @@ class Trainer:
 
     @torch.no_grad()
     def _update_batchtopk_threshold(self, acts: Tensor, decay: float = 0.99) -> None:
-        """Inference threshold of BatchTopK: running mean of the smallest kept activation, per layer."""
+        """Inference threshold of BatchTopK: running mean of the smallest kept activation, per layer.
+
+        The mean is bias-corrected (as Adam's moments): it starts from zero, not from the JumpReLU init
+        threshold, so after t steps it is the average of t observed cut-offs, and inference keeps about k
+        features per token however short the run. `step` (restored on resume) recovers the raw mean.
+        """
         pos = torch.where(acts > 0, acts, torch.inf).amin(dim=(0, 2))  # [L]
         pos = self.dist.reduce_over_features(pos, "min")  # every shard keeps the same per-layer threshold
         ok = torch.isfinite(pos)
         theta = self.dist.from_first_shard(self.tc.log_threshold.exp()[:, 0])  # feature 0 of the whole layer
-        new = torch.where(ok, decay * theta + (1 - decay) * pos, theta)
+        t = self.step + 1  # this update's index (1-based)
+        raw = theta * (1 - decay ** (t - 1))  # the uncorrected running mean before this update
+        new = torch.where(ok, (decay * raw + (1 - decay) * pos) / (1 - decay**t), theta)
         self.tc.log_threshold.copy_(new.clamp_min(1e-6).log()[:, None].expand_as(self.tc.log_threshold))
 
     def _diverged(self, what: str, value: Tensor, terms: dict) -> None:
