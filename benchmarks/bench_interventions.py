@@ -43,7 +43,7 @@ def run(args) -> list[dict]:
         t0 = time.perf_counter()
         tc = trained or random_transcoder(model, "clt", n_features=args.features, active_per_layer=20, seed=0,
                                           prompt=prompt)
-        graph = attribute(model, tc, prompt)
+        graph = attribute(model, tc, prompt, max_feature_nodes=args.max_features)
         nf = graph.n_features
         inf = influence(normalize_rows(graph.edges.float()), graph.rows, graph.logit_weights())[:nf]
         k = int(inf.argmax())
@@ -96,6 +96,8 @@ def main() -> None:
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--transcoders", help="a trained transcoder folder (default: random, calibrated per prompt)")
     p.add_argument("--features", type=int, default=512, help="features per layer of the random CLT (512)")
+    p.add_argument("--max-features", type=int, default=None,
+                   help="cap the graph's feature nodes (the most influential kept; default: all)")
     args = p.parse_args()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     rows = run(args)
