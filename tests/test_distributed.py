@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -58,6 +59,13 @@ def _entry(rank: int, world: int, port: int, fn, out: str, args: tuple) -> None:
     except BaseException as e:  # noqa: BLE001 - reported through the result file
         result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     torch.save(result, Path(out) / f"rank{rank}.pt")
+    # Leave no gloo threads alive at interpreter exit (they abort the process: "terminate called without
+    # an active exception"), then skip the C++ static destructors altogether: the result is on disk.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(fn, world: int, tmp_path: Path, *args, timeout: float = 60.0) -> list:

@@ -71,15 +71,23 @@ def build_config(args):
 
 
 def run(args, ctx) -> int:
-    from cltrace.training import train
 
     cfg = build_config(args)
     if cfg.device == "auto":
         cfg = cfg.override({"device": str(ctx.device)})
     cfg.validate()
-    from cltrace.training.distributed import init_distributed
+    from cltrace.training.distributed import init_distributed, shutdown
 
     dist = init_distributed(cfg.feature_shards, cfg.device)  # under torchrun: this rank's group and GPU
+    try:
+        return _run(args, ctx, cfg, dist)
+    finally:  # a process group left alive aborts the process at exit (gloo threads still running)
+        shutdown(dist)
+
+
+def _run(args, ctx, cfg, dist) -> int:
+    from cltrace.training import train
+
     if dist.distributed:
         cfg = cfg.override({"device": str(dist.device)})  # cuda:LOCAL_RANK
         ctx.quiet = ctx.quiet or not dist.is_main  # only rank 0 speaks

@@ -419,13 +419,26 @@ def train(cfg: TrainConfig, *, source=None, model=None, model_name: str = "", re
     resume: continue from the newest checkpoint in cfg.out (same result as an uninterrupted run); with no
     checkpoint there, start afresh. until_step: stop early after that step (tests, benchmarks).
     """
-    from cltrace.runtime import resolve_device
-    from cltrace.training.distributed import FailureGuard, find_resume_checkpoint, init_distributed
+    from cltrace.training.distributed import init_distributed, shutdown
 
     cfg.validate()
+    if dist is not None:
+        return _train(cfg, dist, source=source, model=model, model_name=model_name, resume=resume, log=log,
+                      until_step=until_step)
+    dist = init_distributed(cfg.feature_shards, cfg.device)  # under torchrun: join its process group
+    try:
+        return _train(cfg, dist, source=source, model=model, model_name=model_name, resume=resume, log=log,
+                      until_step=until_step)
+    finally:  # a process group left alive aborts the process at exit (gloo threads still running)
+        shutdown(dist)
+
+
+def _train(cfg: TrainConfig, dist, *, source, model, model_name: str, resume: bool, log,
+           until_step: int | None) -> Transcoder:
+    from cltrace.runtime import resolve_device
+    from cltrace.training.distributed import FailureGuard, find_resume_checkpoint
+
     out = Path(cfg.out)
-    if dist is None:  # under torchrun: join its process group; otherwise the single-process Dist
-        dist = init_distributed(cfg.feature_shards, cfg.device)
     ckpt = find_resume_checkpoint(out, dist)
     if ckpt is not None and not resume:
         raise CltraceError(f"{out} already holds a training run (checkpoint {ckpt.name}): pass --resume to "
