@@ -422,15 +422,15 @@ def train(cfg: TrainConfig, *, source=None, model=None, model_name: str = "", re
     from cltrace.training.distributed import init_distributed, shutdown
 
     cfg.validate()
-    if dist is not None:
-        return _train(cfg, dist, source=source, model=model, model_name=model_name, resume=resume, log=log,
-                      until_step=until_step)
-    dist = init_distributed(cfg.feature_shards, cfg.device)  # under torchrun: join its process group
+    own_group = dist is None  # under torchrun: join its process group here, and leave it when done
+    if own_group:
+        dist = init_distributed(cfg.feature_shards, cfg.device)
     try:
         return _train(cfg, dist, source=source, model=model, model_name=model_name, resume=resume, log=log,
                       until_step=until_step)
     finally:  # a process group left alive aborts the process at exit (gloo threads still running)
-        shutdown(dist)
+        if own_group:
+            shutdown(dist)
 
 
 def _train(cfg: TrainConfig, dist, *, source, model, model_name: str, resume: bool, log,
