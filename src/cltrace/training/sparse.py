@@ -29,6 +29,29 @@ def decode_mask(tc: Transcoder, acts: Tensor, pre: Tensor | None) -> Tensor:
     return mask
 
 
+class _PlaceOnLayers(torch.autograd.Function):
+    """contribs[s] [N, n_s·D] -> [N, L, D], source layer s's contribution added to layers s .. s+n_s−1.
+
+    The same sum written as `out[:, s:s+n] += c` under autograd would copy the whole [N, L, D] gradient once
+    per source layer in the backward; here each source gets a view of the output gradient instead.
+    """
+
+    @staticmethod
+    def forward(ctx, n_layers: int, d_model: int, *contribs: Tensor) -> Tensor:
+        N = contribs[0].shape[0]
+        out = contribs[0].new_zeros(N, n_layers, d_model)
+        for s, c in enumerate(contribs):
+            n = c.shape[1] // d_model
+            out[:, s : s + n] += c.view(N, n, d_model)
+        ctx.widths = [c.shape[1] // d_model for c in contribs]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        N = grad.shape[0]
+        return (None, None, *(grad[:, s : s + n].reshape(N, -1) for s, n in enumerate(ctx.widths)))
+
+
 def decode_partial(tc: Transcoder, acts: Tensor, mask: Tensor | None = None, *, sparse: bool = True) -> Tensor:
     """acts [N, L, F] -> Σ_s a_s W_dec[s] placed on target layers: [N, L, D], *without* b_dec and skip.
 
@@ -37,26 +60,25 @@ def decode_partial(tc: Transcoder, acts: Tensor, mask: Tensor | None = None, *, 
     """
     N, L, Fn = acts.shape
     D = tc.d_model
-    out = acts.new_zeros(N, L, D, dtype=tc.b_dec.dtype)
+    dtype = tc.b_dec.dtype
     if sparse:
-        # one nonzero and one gather for all layers (per-layer slicing of a grad-carrying [N, L, F] tensor
-        # would allocate a full-size zero gradient per layer in the backward)
+        # one nonzero and one gather for all layers, grouped by layer then row (per-layer slicing of a
+        # grad-carrying [N, L, F] tensor would allocate a full-size zero gradient per layer in the backward)
         m = (acts != 0) if mask is None else mask
         lay, rows, feats = m.transpose(0, 1).nonzero(as_tuple=True)  # sorted by layer, then row
-        vals = acts.transpose(0, 1)[lay, rows, feats].to(out.dtype)  # [nnz]
+        vals = acts[rows, lay, feats].to(dtype)  # [nnz]
         per_layer = torch.bincount(lay, minlength=L).tolist()
         rows, feats, vals = rows.split(per_layer), feats.split(per_layer), vals.split(per_layer)
+    contribs = []
     for s in range(L):
-        n = tc.n_out(s)
-        W = tc.W_dec[s].reshape(Fn, n * D)  # [F, n_out·D] (a view)
+        W = tc.W_dec[s].reshape(Fn, tc.n_out(s) * D)  # [F, n_out·D] (a view)
         if sparse:
             counts = torch.bincount(rows[s], minlength=N)
             offsets = torch.cumsum(counts, 0) - counts  # [N] start of each token's bag
-            contrib = F.embedding_bag(feats[s], W, offsets, mode="sum", per_sample_weights=vals[s])
+            contribs.append(F.embedding_bag(feats[s], W, offsets, mode="sum", per_sample_weights=vals[s]))
         else:
-            contrib = acts[:, s].to(W.dtype) @ W  # [N, n·D]
-        out[:, s : s + n] += contrib.view(N, n, D)  # source layer s writes to layers s .. s+n−1
-    return out
+            contribs.append(acts[:, s].to(W.dtype) @ W)  # [N, n·D]
+    return _PlaceOnLayers.apply(L, D, *contribs)
 
 
 def finish_decode(tc: Transcoder, partial: Tensor, x: Tensor | None) -> Tensor:

@@ -71,9 +71,21 @@ def topk(x: Tensor, k: int) -> Tensor:
     return torch.zeros_like(x).scatter(-1, idx, torch.relu(vals))
 
 
+def batch_topk_cutoff(pre: Tensor, k: int) -> Tensor:
+    """pre [N, L, F] -> [L]: the (k·N)-th largest pre-activation of each layer over the whole batch."""
+    N, L, Fn = pre.shape
+    flat = pre.detach().transpose(0, 1).reshape(L, N * Fn)  # [L, N·F]
+    return flat.topk(min(k * N, N * Fn), dim=-1).values[:, -1]
+
+
 def batch_topk(x: Tensor, k: int) -> Tensor:
-    """[N, F]: keep the k·N largest positive pre-activations of the whole batch (Bussmann et al. 2024)."""
-    n = x.shape[0]
-    flat = x.reshape(-1)
-    vals, idx = flat.topk(min(k * n, flat.numel()))
-    return torch.zeros_like(flat).scatter(0, idx, torch.relu(vals)).view_as(x)
+    """Keep the k·N largest positive pre-activations of the whole batch (Bussmann et al. 2024).
+
+    x [N, F], or [N, L, F] with one budget of k·N per layer. The result is relu(x) times a 0/1 mask, so its
+    backward is one multiply (per-layer slicing of a grad-carrying [N, L, F] tensor would allocate a full-size
+    zero gradient per layer). Ties at the cut-off are all kept.
+    """
+    x3 = x[:, None] if x.dim() == 2 else x
+    cutoff = batch_topk_cutoff(x3, k)[None, :, None]  # [1, L, 1]
+    out = torch.relu(x3) * (x3 >= cutoff).to(x.dtype)
+    return out[:, 0] if x.dim() == 2 else out

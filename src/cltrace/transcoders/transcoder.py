@@ -123,9 +123,7 @@ class Transcoder(nn.Module):
         if act == "topk":
             return topk(pre, self.cfg.k)
         theta = self.threshold if layer is None else self.threshold[layer]
-        if act == "batchtopk" and training:
-            if pre.dim() == 3:  # one budget of k·N per layer
-                return torch.stack([batch_topk(pre[:, i], self.cfg.k) for i in range(pre.shape[1])], 1)
+        if act == "batchtopk" and training:  # one budget of k·N per layer
             return batch_topk(pre, self.cfg.k)
         # jumprelu, and batchtopk at inference (a per-feature threshold learned during training)
         return jumprelu(pre, theta, self.cfg.bandwidth)
