@@ -189,15 +189,13 @@ class Dist:
         shared_ids = {id(p) for p in shared}
         own = [p.grad for p in params if id(p) not in shared_ids]
         rep = [p.grad for p in params if id(p) in shared_ids]
-        sq = lambda gs: sum((g.float().pow(2).sum() for g in gs), torch.zeros((), device=self.device))  # noqa: E731
-        total = sq(own)
+        total = _sum_of_squares(own, self.device)
         if self.fp_size > 1:
             self.all_reduce(total, group=self.fp_group, kind="feature_sums")
-        norm = (total + sq(rep)).sqrt()
-        if max_norm > 0:
+        norm = (total + _sum_of_squares(rep, self.device)).sqrt()
+        if max_norm > 0 and params:
             scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            for p in params:
-                p.grad.mul_(scale)
+            torch._foreach_mul_([p.grad for p in params], scale)
         return norm
 
     # ------------------------------------------------------------------ feature sharded
@@ -505,3 +503,10 @@ def prefetch(batches: Iterator[tuple[Tensor, ...]], device: torch.device | str, 
                 q.get_nowait()
             except queue.Empty:
                 time.sleep(0.01)
+
+
+def _sum_of_squares(grads: list[Tensor], device) -> Tensor:
+    """Σ‖g‖² over a list of gradients, as a float32 scalar (one fused norm per tensor, no temporaries)."""
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
