@@ -66,7 +66,8 @@ def keep_mask(ids: Tensor, special_ids: set[int] | Tensor, *, keep_special: bool
 @torch.no_grad()
 def harvest(model, ids: Tensor, special_ids: set[int], *, keep_special: bool = False,
             outlier_factor: float | None = None) -> tuple[Tensor, Tensor]:
-    """Run contexts ids [B, T] through the model; x, y [N, L, D] float32 for the kept positions."""
+    """Run contexts ids [B, T] through the model; x, y [N, L, D] float32 for the kept positions, on the
+    model's device (a GPU's rows stay on it: copying them to the host and back cost more than the step)."""
     ids = ids.to(model.device)
     trace = model.forward(ids, stop_at_layer=model.n_layers)
     norms = None
@@ -76,7 +77,7 @@ def harvest(model, ids: Tensor, special_ids: set[int], *, keep_special: bool = F
                      outlier_factor=outlier_factor)
     x = torch.stack([m[keep] for m in trace.mlp_in], dim=1)  # [N, L, D]
     y = torch.stack([m[keep] for m in trace.mlp_out], dim=1)
-    return x.float().cpu(), y.float().cpu()
+    return x.float(), y.float()
 
 
 # ---------------------------------------------------------------------- the streaming source
@@ -149,7 +150,8 @@ class StreamingActivations(BlockSource):
         the last one stays visible as `self.buffer` for inspection.
         """
         shape = (self.capacity, self.n_layers, self.d_model)
-        self.buffer = (torch.empty(shape), torch.empty(shape))
+        device = self.model.device  # the buffer lives where the model runs (GPU memory on a GPU)
+        self.buffer = (torch.empty(shape, device=device), torch.empty(shape, device=device))
         return self.buffer
 
     def contexts(self, start: Position | None = None) -> ContextStream:

@@ -47,13 +47,13 @@ FP16_MAX = 65504.0
 def _to_storage(t: Tensor, dtype: str) -> np.ndarray:
     """float32 [n, L, D] -> numpy array in the storage dtype."""
     if dtype == "bfloat16":
-        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return t.to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
     if t.abs().max() > FP16_MAX:
         raise CltraceError(
             f"activations reach {t.abs().max():.3g}, beyond float16's range (65504): write the cache "
             "with dtype='bfloat16'"
         )
-    return t.to(torch.float16).numpy()
+    return t.to(torch.float16).cpu().numpy()
 
 
 def _from_storage(a: np.ndarray, dtype: str) -> Tensor:

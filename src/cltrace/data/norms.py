@@ -33,8 +33,8 @@ def estimate_norm_scales(source, n_tokens: int = 65536, *, batch_size: int = 409
     seen = 0
     for x, y in batches:  # [N, L, D]
         x, y = x[: n_tokens - seen], y[: n_tokens - seen]
-        sx += x.double().pow(2).sum(dim=(0, 2))
-        sy += y.double().pow(2).sum(dim=(0, 2))
+        sx += x.double().pow(2).sum(dim=(0, 2)).cpu()
+        sy += y.double().pow(2).sum(dim=(0, 2)).cpu()
         seen += len(x)
         if seen >= n_tokens:
             break

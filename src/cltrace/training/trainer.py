@@ -115,7 +115,7 @@ class Trainer:
         my = torch.zeros(L, D, dtype=torch.float64)
         first_x, seen = [], 0
         for x, y in batches:
-            x, y = x[: norm_tokens - seen].double(), y[: norm_tokens - seen].double()
+            x, y = x[: norm_tokens - seen].cpu().double(), y[: norm_tokens - seen].cpu().double()
             sx += x.pow(2).sum((0, 2))
             sy += y.pow(2).sum((0, 2))
             my += y.sum(0)
