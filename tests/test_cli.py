@@ -88,3 +88,34 @@ def test_corpus_info_counts_the_committed_corpus(capsys):
 def test_corpus_info_missing_file_is_one_line(capsys, tmp_path):
     assert main(["corpus", "info", str(tmp_path / "none.jsonl")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_cache_then_train_from_it(tiny_folder, tmp_path, capsys):
+    """`cltrace cache` writes rows that `train --cache` reads; the cached rows equal the model's own activations."""
+    import torch
+
+    from cltrace.data import CachedActivations
+    from cltrace.models.registry import load_model
+
+    out = tmp_path / "acts"
+    argv = ["-q", "cache", "--model", tiny_folder, "--tokens", "300", "--context-len", "16", "--out", str(out)]
+    assert main(argv) == 0
+    assert "train --cache" in capsys.readouterr().out
+    cache = CachedActivations(out)
+    assert cache.n_tokens == 300
+    # a second write into the same folder is refused unless --overwrite
+    assert main(["-q", "cache", "--model", tiny_folder, "--tokens", "10", "--out", str(out)]) == 2
+    assert "already holds" in capsys.readouterr().err
+    # every cached x row is one of the model's MLP inputs (bf16-rounded) on the same contexts
+    model = load_model(tiny_folder)
+    x, _ = next(cache.batches(8, seed=0))
+    from cltrace.data import StreamingActivations
+
+    ids = torch.tensor(StreamingActivations(model, None, context_len=16).contexts().take(40))  # what cache ran
+    trace = model.forward(ids, stop_at_layer=model.n_layers)
+    xs = torch.stack(trace.mlp_in, 2).reshape(-1, model.n_layers, model.d_model).bfloat16().float()  # [B·T, L, D]
+    for row in x:  # equal up to one bf16 rounding step (the model batches differ, so float sums may too)
+        assert torch.isclose(xs, row, rtol=2**-7, atol=1e-6).flatten(1).all(1).any()
+    assert main(["-q", "train", "--cache", str(out), "--model", tiny_folder, "-F", "32", "--tokens", "256",
+                 "--batch-size", "64", "--out", str(tmp_path / "tc"), "--no-progress"]) == 0
+    assert (tmp_path / "tc" / "transcoder.safetensors").exists()

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "corpus": "corpus",
     "train": "train",
     "eval": "eval",
+    "cache": "cache",
     "trace": "trace",
     "intervene": "intervene",
     "merge-shards": "merge_shards",

@@ -143,6 +143,16 @@ def _save_folder(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
+def display_name(spec: str) -> str:
+    """The name a model spec loads as (what transcoders and caches record), without loading or preparing it."""
+    if spec in BUILTIN:
+        return spec
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        return p.stem
+    return p.name if p.exists() else spec
+
+
 def resolve(spec: str) -> tuple[str, str, str | None]:
     """Model spec -> (display name, path or hub id, gguf file name or None)."""
     if spec in BUILTIN:

@@ -403,9 +403,9 @@ def open_source(cfg: TrainConfig, *, device=None, model=None, dist=None):
     if cfg.cache:
         if not Path(cfg.cache).exists():
             raise CltraceError(f"no activation cache at {cfg.cache}: write one first (or drop --cache to stream)")
-        name = cfg.model or None
-        if model is not None:
-            name = model.name
+        from cltrace.models.registry import display_name
+
+        name = model.name if model is not None else (display_name(cfg.model) if cfg.model else None)
         src = CachedActivations(cfg.cache, model=name, **share)
         return src, src.manifest["model"]
     if model is None:
