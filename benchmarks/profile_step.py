@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=2048)
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--kind", default="clt", choices=("clt", "plt"))
+    ap.add_argument("--decode", default="auto", choices=("auto", "always", "never"), help="sparse decode setting")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--rows", type=int, default=25, help="rows of the op table")
     args = ap.parse_args()
@@ -54,6 +55,7 @@ def main() -> None:
         source = CachedActivations(args.cache)
     cfg = TrainConfig(kind=args.kind, features_per_layer=args.features, activation="batchtopk", k=32,
                       batch_size=args.batch, tokens=args.batch * 100, precision=args.precision, device=args.device,
+                      sparse_decode=args.decode,
                       out="/tmp/profile_step", progress=False, norm_tokens=args.batch)
     tr = Trainer(cfg, source)
     tr.initialize()
@@ -67,7 +69,8 @@ def main() -> None:
         tr.train_step(*next(batches))
     sync()
     dt = (time.perf_counter() - t) / args.steps
-    print(f"{args.kind} F={args.features} batch {args.batch} {args.precision} on {tr.device}: {dt * 1e3:.1f} ms/step, "
+    print(f"{args.kind} F={args.features} batch {args.batch} {args.precision} decode={args.decode} on {tr.device}: "
+          f"{dt * 1e3:.1f} ms/step, "
           f"{args.batch / dt:,.0f} tok/s", flush=True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as p:
