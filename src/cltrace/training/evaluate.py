@@ -129,14 +129,15 @@ def evaluate(model, transcoder: Transcoder, corpus_spec=None, n_tokens: int = 81
 
         spl = _Splice(tc, keep, replace=True)
         logits1 = model.forward(b, mlp_hook=spl).logits.float()
-        lp0 = logits0[:, :-1].log_softmax(-1)  # [B, T-1, V] predictions of tokens 1..T-1
-        lp1 = logits1[:, :-1].log_softmax(-1)
-        tgt = b[:, 1:, None]
-        ce0 += -lp0.gather(-1, tgt).sum().item()
-        ce1 += -lp1.gather(-1, tgt).sum().item()
-        kl += (lp0.exp() * (lp0 - lp1)).sum().item()
-        agree += (lp0.argmax(-1) == lp1.argmax(-1)).sum().item()
-        n_pred += tgt.numel()
+        for j in range(b.shape[0]):  # one context at a time: a 262k vocabulary makes [B, T, V] temporaries GBs
+            lp0 = logits0[j, :-1].log_softmax(-1)  # [T-1, V] predictions of tokens 1..T-1
+            lp1 = logits1[j, :-1].log_softmax(-1)
+            tgt = b[j, 1:, None]
+            ce0 += -lp0.gather(-1, tgt).sum().item()
+            ce1 += -lp1.gather(-1, tgt).sum().item()
+            kl += (lp0.exp() * (lp0 - lp1)).sum().item()
+            agree += (lp0.argmax(-1) == lp1.argmax(-1)).sum().item()
+            n_pred += tgt.numel()
         if log is not None:
             log(f"evaluated {min(i + batch_size, ids.shape[0])}/{ids.shape[0]} contexts")
     if n_rec == 0:
