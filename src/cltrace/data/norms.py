@@ -8,6 +8,8 @@ E ||x_l / x_scale[l]||^2 = D, i.e. each coordinate has unit mean square, as in A
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -31,13 +33,15 @@ def estimate_norm_scales(source, n_tokens: int = 65536, *, batch_size: int = 409
     sx = torch.zeros(source.n_layers, dtype=torch.float64)
     sy = torch.zeros(source.n_layers, dtype=torch.float64)
     seen = 0
-    for x, y in batches:  # [N, L, D]
-        x, y = x[: n_tokens - seen], y[: n_tokens - seen]
-        sx += x.double().pow(2).sum(dim=(0, 2)).cpu()
-        sy += y.double().pow(2).sum(dim=(0, 2)).cpu()
-        seen += len(x)
-        if seen >= n_tokens:
-            break
+    # closing the side pass frees its shuffle buffer at once
+    with contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext():
+        for x, y in batches:  # [N, L, D]
+            x, y = x[: n_tokens - seen], y[: n_tokens - seen]
+            sx += x.double().pow(2).sum(dim=(0, 2)).cpu()
+            sy += y.double().pow(2).sum(dim=(0, 2)).cpu()
+            seen += len(x)
+            if seen >= n_tokens:
+                break
     if seen == 0:
         raise CltraceError("the activation source gave no rows: is the corpus empty?")
     d = source.d_model

@@ -114,16 +114,18 @@ class Trainer:
         sy = torch.zeros(L, dtype=torch.float64)
         my = torch.zeros(L, D, dtype=torch.float64)
         first_x, seen = [], 0
-        for x, y in batches:
-            x, y = x[: norm_tokens - seen].cpu().double(), y[: norm_tokens - seen].cpu().double()
-            sx += x.pow(2).sum((0, 2))
-            sy += y.pow(2).sum((0, 2))
-            my += y.sum(0)
-            if seen < first_rows:
-                first_x.append(x[: first_rows - seen].float())
-            seen += len(x)
-            if seen >= norm_tokens:
-                break
+        # closing the side pass frees its shuffle buffer (GBs) now, not at some later garbage collection
+        with contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext():
+            for x, y in batches:
+                x, y = x[: norm_tokens - seen].cpu().double(), y[: norm_tokens - seen].cpu().double()
+                sx += x.pow(2).sum((0, 2))
+                sy += y.pow(2).sum((0, 2))
+                my += y.sum(0)
+                if seen < first_rows:
+                    first_x.append(x[: first_rows - seen].float())
+                seen += len(x)
+                if seen >= norm_tokens:
+                    break
         if self.source_share:  # every data rank gets the statistics of the union of the shares' rows
             seen_t = self.dist.sum_over_data(torch.tensor([float(seen)], dtype=torch.float64))
             for t in (sx, sy, my):
@@ -330,6 +332,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            if hasattr(batches, "close"):
+                batches.close()  # frees the shuffle buffer now (the source's state was recorded per batch)
         if self.step >= cfg.steps:
             self.save_checkpoint()
         return last
