@@ -69,8 +69,19 @@ def quality_rows(model, work: Path, tokens: int, features: int, eval_tokens: int
           f"tokens{threads_note}")
     print(f"{'kind':<5} {'tokens':>7} {'train s':>8} {'NMSE':>7} {'EV':>7} {'L0':>7} {'dead':>6} {'top1':>6} "
           f"{'CE+':>7} {'KL':>7}", flush=True)
+    done = {}  # rows already measured in this work folder (a long run can be continued after an interruption)
+    if (work / "quality.jsonl").exists():
+        for line in (work / "quality.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            done[(r["kind"], r["tokens"])] = r
     for n in (tokens, 2 * tokens):
         for kind in ("clt", "plt"):
+            if (kind, n) in done:
+                e, secs = done[(kind, n)], done[(kind, n)]["train_s"]
+                print(f"{kind:<5} {n:>7} {secs:8.0f} {e['nmse']:7.3f} {e['explained_variance']:7.3f} {e['l0']:7.1f} "
+                      f"{e['dead_fraction']:6.3f} {e['top1_agreement']:6.3f} {e['ce_increase']:7.3f} {e['kl']:7.3f}"
+                      "  (from quality.jsonl)", flush=True)
+                continue
             out = work / f"{kind}-{n}"
             cfg = TrainConfig(model=model.name, kind=kind, features_per_layer=features, activation="batchtopk", k=32,
                               tokens=n, batch_size=1024, lr=2e-3, auxk=1 / 32, dead_tokens=16384, progress=False,
