@@ -336,3 +336,19 @@ def test_batchtopk_inference_keeps_about_k_after_a_short_run(tmp_path):
     with torch.no_grad():
         acts, _ = tc(x[:512])
     assert 0.5 * k < (acts != 0).sum(-1).float().mean() < 2 * k
+
+
+def test_a_checkpoint_loads_as_the_transcoder_of_its_step(tmp_path):
+    """`load_transcoder(RUN/checkpoints/step-N)` (so `eval` and `trace`) gives what the run saves at step N."""
+    x, y = synthetic(512)
+    for kind, skip in (("clt", False), ("plt", True)):
+        cfg = cfg_for(tmp_path, f"{kind}", kind=kind, skip=skip, tokens=64 * 20, checkpoint_every=20)
+        final = train(cfg, source=InMemoryActivations(x, y))  # the last checkpoint is written at the last step
+        ckpt = latest_checkpoint(checkpoint_root(cfg.out))
+        back = load_transcoder(ckpt)
+        assert back.cfg.kind == kind and back.cfg.extra["training"]["steps"] == 20
+        for (n, p), (_, q) in zip(final.named_parameters(), back.named_parameters()):
+            assert torch.equal(p, q), n
+    with pytest.raises(CltraceError, match="unreadable"):
+        (ckpt / "state.safetensors").write_bytes(b"not a safetensors file")
+        load_transcoder(ckpt)

@@ -201,7 +201,7 @@ class Trainer:
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
         meta = {"optimizer": opt_meta, "tokens": self.step * self.cfg.batch_size, "config": self.cfg.to_dict(),
-                "source": src_state}
+                "source": src_state, "model_name": self.model_name}
         if shares is not None:
             meta["source_shares"] = shares
         root = checkpoint_dir(self.out, self.dist)

@@ -41,10 +41,15 @@ def save_transcoder(tc: Transcoder, folder: str | Path) -> Path:
 
 
 def load_transcoder(folder: str | Path, *, device="cpu", dtype=torch.float32) -> Transcoder:
-    """Load a cltrace transcoder folder, a feature-sharded one (shards.json), or a circuit-tracer one (config.yaml)."""
+    """Load a cltrace transcoder folder, a feature-sharded one (shards.json), a circuit-tracer one (config.yaml),
+    or a training checkpoint (`RUN/checkpoints/step-N`: the transcoder as it stood at that step)."""
     folder = Path(folder)
     if not folder.exists():
         raise CltraceError(f"no transcoder folder at {folder}: give a folder written by `cltrace train`")
+    from cltrace.training.checkpoint import is_checkpoint, transcoder_from_checkpoint
+
+    if is_checkpoint(folder):
+        return transcoder_from_checkpoint(folder, device=device, dtype=dtype)
     if (folder / "shards.json").exists() and not (folder / WEIGHTS).exists():  # feature-sharded training output
         from cltrace.training.sharding import load_sharded
 
