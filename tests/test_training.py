@@ -352,3 +352,16 @@ def test_a_checkpoint_loads_as_the_transcoder_of_its_step(tmp_path):
     with pytest.raises(CltraceError, match="unreadable"):
         (ckpt / "state.safetensors").write_bytes(b"not a safetensors file")
         load_transcoder(ckpt)
+
+
+def test_loaded_batchtopk_transcoder_uses_its_thresholds(tmp_path):
+    """A loaded transcoder is in eval mode: BatchTopK applies its learned thresholds, not the batch's top k·N."""
+    x, y = synthetic(512)
+    train(cfg_for(tmp_path, "b", activation="batchtopk", k=2), source=InMemoryActivations(x, y))
+    tc = load_transcoder(tmp_path / "b")
+    assert not tc.training
+    with torch.no_grad():
+        one = tc(x[:1])[0]
+        many = tc(x)[0][:1]
+    # a token's features do not depend on the rest of the batch (values equal up to matmul rounding)
+    assert torch.equal(one != 0, many != 0) and torch.allclose(one, many, atol=1e-5)

@@ -42,8 +42,15 @@ def save_transcoder(tc: Transcoder, folder: str | Path) -> Path:
 
 def load_transcoder(folder: str | Path, *, device="cpu", dtype=torch.float32) -> Transcoder:
     """Load a cltrace transcoder folder, a feature-sharded one (shards.json), a circuit-tracer one (config.yaml),
-    or a training checkpoint (`RUN/checkpoints/step-N`: the transcoder as it stood at that step)."""
-    folder = Path(folder)
+    or a training checkpoint (`RUN/checkpoints/step-N`: the transcoder as it stood at that step).
+
+    In eval mode: a loaded transcoder is for inference, and a BatchTopK one in training mode would keep the top
+    k·N of whatever batch it is given instead of applying its learned thresholds.
+    """
+    return _load(Path(folder), device=device, dtype=dtype).eval()
+
+
+def _load(folder: Path, *, device, dtype) -> Transcoder:
     if not folder.exists():
         raise CltraceError(f"no transcoder folder at {folder}: give a folder written by `cltrace train`")
     from cltrace.training.checkpoint import is_checkpoint, transcoder_from_checkpoint
