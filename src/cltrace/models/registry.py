@@ -154,22 +154,23 @@ def display_name(spec: str) -> str:
 
 
 def resolve(spec: str) -> tuple[str, str, str | None]:
-    """Model spec -> (display name, path or hub id, gguf file name or None)."""
+    """Model spec -> (display name, path or hub id, gguf file name or None); the name is `display_name`'s."""
+    name = display_name(spec)
     if spec in BUILTIN:
         if not is_ready(spec):
             prepare(spec)
-        return spec, str(model_dir(spec)), None
+        return name, str(model_dir(spec)), None
     p = Path(spec).expanduser()
     if p.suffix == ".gguf":
         if not p.exists():
             raise CltraceError(f"no GGUF file at {p}: check the path")
-        return p.stem, str(p.parent.resolve()), p.name
+        return name, str(p.parent.resolve()), p.name
     if p.exists():
         if not (p / "config.json").exists():
             raise CltraceError(f"{p} is not a model folder (no config.json): give a HF model folder")
-        return p.name, str(p.resolve()), None
+        return name, str(p.resolve()), None
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
-        return spec, spec, None  # a hub id: only users with internet get past from_pretrained
+        return name, spec, None  # a hub id: only users with internet get past from_pretrained
     raise CltraceError(
         f"unknown model {spec!r}: use a built-in ({', '.join(BUILTIN)}), a model folder, a .gguf file "
         "or a HuggingFace hub id such as google/gemma-3-270m"
