@@ -130,6 +130,53 @@ def test_sparse_decode_equals_dense_in_value_and_gradient(kind, activation, skip
     assert torch.allclose(r1, tc.decode(tc.activate(tc.pre_acts(x)), x), atol=1e-5)
 
 
+@pytest.mark.parametrize("kind,activation", [("clt", "topk"), ("clt", "batchtopk"), ("plt", "batchtopk")])
+def test_listed_encoder_gradient_equals_dense_autograd(kind, activation):
+    """TopK/BatchTopK training takes the encoder's gradient at the active entries only (sparse products);
+    it must equal plain autograd through the dense pre-activations and a dense decode."""
+    from cltrace.training.distributed import Dist
+    from cltrace.training.sharding import sharded_forward
+
+    tc = make_tc(kind, activation, skip=True).train()
+    x, y = synthetic(48, seed=3)
+    results = []
+    for listed in (True, False):
+        tc.zero_grad()
+        if listed:
+            pre, acts, recon = sharded_forward(tc, x, Dist(), sparse="always")
+            assert not pre.requires_grad  # the listed path was taken
+        else:
+            acts = tc.activate(tc.pre_acts(x))
+            recon = finish_decode(tc, decode_partial(tc, acts, sparse=False), x)
+        ((recon - y) ** 2).sum().backward()
+        results.append((acts.detach(), recon.detach(), {n: p.grad.clone() for n, p in tc.named_parameters()
+                                                        if p.grad is not None}))
+    (a1, r1, g1), (a2, r2, g2) = results
+    assert torch.equal(a1, a2) and 0 < (a1 != 0).float().mean() < 0.5
+    assert torch.allclose(r1, r2, atol=1e-5)
+    assert g1.keys() == g2.keys() and {"W_enc", "b_enc", "W_dec.0"} <= g1.keys()
+    for name in g1:
+        assert torch.allclose(g1[name], g2[name], atol=1e-4, rtol=1e-4), name
+
+
+def test_batch_topk_cutoff_is_exact_on_the_sampled_path():
+    from cltrace.transcoders.activations import batch_topk_cutoff
+
+    torch.manual_seed(0)
+    N, Lk, Fk, k = 1024, 2, 256, 16  # k·N = 16384: large enough for the 1/16-subsample bound
+    pre = torch.randn(N, Lk, Fk)
+    pre[:, 1] = pre[:, 1].abs() ** 3  # another distribution
+    exact = pre.transpose(0, 1).reshape(Lk, -1).topk(k * N, dim=-1).values[:, -1]
+    assert torch.equal(batch_topk_cutoff(pre, k), exact)
+    # large values only where the subsample never looks: the bound fails and the full top-k answers
+    hidden = torch.randn(N, Lk, Fk)
+    flat = hidden.transpose(0, 1).reshape(Lk, -1)
+    flat[:, torch.arange(flat.shape[1]) % 16 != 0] += 100.0
+    hidden = flat.reshape(Lk, N, Fk).transpose(0, 1)
+    exact = flat.topk(k * N, dim=-1).values[:, -1]
+    assert torch.equal(batch_topk_cutoff(hidden, k), exact)
+
+
 # ---------------------------------------------------------------------- normalization
 def test_folded_normalization_gives_identical_reconstructions():
     tc = make_tc("clt", "jumprelu", skip=True)
@@ -178,10 +225,11 @@ def test_training_decreases_the_loss(tmp_path, kind, activation, k):
         assert 0.5 * k < (acts != 0).sum(-1).float().mean() < 2 * k
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("activation,k", [("jumprelu", 0), ("batchtopk", 3)])
+def test_resume_equals_uninterrupted(tmp_path, activation, k):
     x, y = synthetic(512)
-    full = train(cfg_for(tmp_path, "a"), source=InMemoryActivations(x, y))
-    cfg_b = cfg_for(tmp_path, "b")
+    full = train(cfg_for(tmp_path, "a", activation=activation, k=k), source=InMemoryActivations(x, y))
+    cfg_b = cfg_for(tmp_path, "b", activation=activation, k=k)
     train(cfg_b, source=InMemoryActivations(x, y), until_step=10)  # "interrupted" after a checkpoint at 10
     assert latest_checkpoint(checkpoint_root(cfg_b.out)).name == "step-000000010"
     with pytest.raises(CltraceError, match="--resume"):
@@ -194,7 +242,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert [r["step"] for r in a] == [r["step"] for r in b]
     assert a[-1]["loss"] == pytest.approx(b[-1]["loss"], rel=1e-5)
     with pytest.raises(CltraceError, match="different training config"):
-        train(cfg_for(tmp_path, "b", lr=1.0), source=InMemoryActivations(x, y), resume=True)
+        train(cfg_for(tmp_path, "b", lr=1.0, activation=activation, k=k), source=InMemoryActivations(x, y),
+              resume=True)
 
 
 def test_checkpoint_holds_no_pickle(tmp_path):

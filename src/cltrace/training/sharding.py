@@ -32,7 +32,7 @@ from torch import Tensor
 
 from cltrace.errors import CltraceError
 from cltrace.training.distributed import Dist
-from cltrace.training.sparse import decode_mask, decode_partial, finish_decode, should_decode_sparse
+from cltrace.training.sparse import decode_from_pre, decode_mask, decode_partial, finish_decode, should_decode_sparse
 from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
 
 SHARDS = "shards.json"
@@ -169,11 +169,21 @@ def sharded_forward(tc: Transcoder, x: Tensor, d: Dist, *, sparse: str = "auto")
     """x [N, L, D] -> (pre [N, L, F_j], acts [N, L, F_j], reconstruction [N, L, D] of the *whole* transcoder).
 
     One all-reduce of the partial reconstruction; b_dec and the skip term are added after it (once).
+    TopK and BatchTopK, decoded sparsely, take the gradient of the encoder at their active entries only
+    (`decode_from_pre`): pre and acts then come back without autograd history.
     """
+    if tc.cfg.activation in ("topk", "batchtopk") and torch.is_grad_enabled():
+        density = tc.cfg.k / global_config(tc.cfg).n_features  # known in advance: k per token and layer
+        if should_decode_sparse(density, x.device, sparse):
+            with torch.no_grad():
+                pre = tc.pre_acts(x)
+                acts = sharded_activate(tc, pre, d)
+            partial = decode_from_pre(tc, x, pre, acts != 0)  # [N, L, D] this shard's features only
+            return pre, acts, finish_decode(tc, d.sum_over_features(partial), x)
     pre = tc.pre_acts(x)
     acts = sharded_activate(tc, pre, d)
     mask = decode_mask(tc, acts, pre)
-    use_sparse = should_decode_sparse(mask, sparse)
+    use_sparse = should_decode_sparse(mask.float().mean().item(), x.device, sparse)
     partial = decode_partial(tc, acts, mask, sparse=use_sparse)  # [N, L, D] this shard's features only
     return pre, acts, finish_decode(tc, d.sum_over_features(partial), x)
 

@@ -41,7 +41,7 @@ from cltrace.training.losses import (
 )
 from cltrace.training.metrics import FeatureStats, MetricsLog, plot_curves
 from cltrace.training.schedule import lr_factor, sparsity_factor
-from cltrace.training.sparse import decode_partial
+from cltrace.training.sparse import decode_from_pre, decode_partial
 from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -243,7 +243,9 @@ class Trainer:
             dead = self.stats.dead(cfg.dead_tokens)
             if d.reduce_over_features(dead.any().float(), "max") > 0:  # every shard takes the same branch
                 aux = sharded_auxk_acts(pre, dead, cfg.auxk_k or 2 * cfg.k, d)  # [N, L, F]
-                aux_recon = d.sum_over_features(decode_partial(tc, aux))  # [N, L, D] no bias
+                # pre without history came from the sparse path: the encoder's gradient goes through the listing
+                aux_part = decode_partial(tc, aux) if pre.requires_grad else decode_from_pre(tc, x, pre, aux != 0)
+                aux_recon = d.sum_over_features(aux_part)  # [N, L, D] no bias
                 terms["auxk"] = cfg.auxk * auxk_loss(aux_recon, (y - recon).detach(), self.y_var)
         loss = sum(terms.values())
         if not torch.isfinite(loss):

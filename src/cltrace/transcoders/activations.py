@@ -71,21 +71,36 @@ def topk(x: Tensor, k: int) -> Tensor:
     return torch.zeros_like(x).scatter(-1, idx, torch.relu(vals))
 
 
-def batch_topk_cutoff(pre: Tensor, k: int) -> Tensor:
-    """pre [N, L, F] -> [L]: the (k·N)-th largest pre-activation of each layer over the whole batch."""
+def batch_topk_cutoff(pre: Tensor, k: int, *, sample_stride: int = 16) -> Tensor:
+    """pre [N, L, F] -> [L]: the (k·N)-th largest pre-activation of each layer over the whole batch. Exact.
+
+    On a CPU a top-(k·N) of N·F values per layer costs 0.5 s a step at N = F = 2048 (18 layers); instead a
+    1/16 subsample gives a lower bound that about 1.25·k·N values pass, and the top-(k·N) is taken among those
+    (0.15 s). A layer where the bound lets fewer than k·N through falls back to the full top-k.
+    """
     N, L, Fn = pre.shape
-    flat = pre.detach().transpose(0, 1).reshape(L, N * Fn)  # [L, N·F]
-    return flat.topk(min(k * N, N * Fn), dim=-1).values[:, -1]
+    flat = pre.detach().transpose(0, 1).reshape(L, N * Fn)  # [L, N·F] (a view when pre is layer-major)
+    K = min(k * N, N * Fn)
+    if flat.device.type != "cpu" or K < 1024 * sample_stride or 4 * K > N * Fn:
+        return flat.topk(K, dim=-1, sorted=False).values.amin(-1)
+    bound = flat[:, ::sample_stride].topk(K * 5 // (4 * sample_stride), dim=-1, sorted=False).values.amin(-1)
+    cutoffs = []
+    for row, b in zip(flat, bound):
+        passed = row[row >= b]
+        cutoffs.append((passed if len(passed) >= K else row).topk(K, sorted=False).values.amin())
+    return torch.stack(cutoffs)
 
 
 def batch_topk(x: Tensor, k: int) -> Tensor:
     """Keep the k·N largest positive pre-activations of the whole batch (Bussmann et al. 2024).
 
-    x [N, F], or [N, L, F] with one budget of k·N per layer. The result is relu(x) times a 0/1 mask, so its
-    backward is one multiply (per-layer slicing of a grad-carrying [N, L, F] tensor would allocate a full-size
-    zero gradient per layer). Ties at the cut-off are all kept.
+    x [N, F], or [N, L, F] with one budget of k·N per layer. The result is x where one mask holds (x ≥ the
+    cut-off, and > 0), so the forward is one compare and one select and the backward one select, in x's own
+    memory layout. Ties at the cut-off are all kept.
     """
     x3 = x[:, None] if x.dim() == 2 else x
-    cutoff = batch_topk_cutoff(x3, k)[None, :, None]  # [1, L, 1]
-    out = torch.relu(x3) * (x3 >= cutoff).to(x.dtype)
+    cutoff = batch_topk_cutoff(x3, k)  # [L]
+    tiny = torch.finfo(x.dtype).tiny  # a non-positive cut-off keeps exactly the positive values
+    keep = x3 >= torch.where(cutoff > 0, cutoff, tiny).to(x.dtype)[None, :, None]
+    out = torch.where(keep, x3, 0.0)  # no bool -> float conversion pass, forward or backward
     return out[:, 0] if x.dim() == 2 else out

@@ -65,9 +65,11 @@ class Transcoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(L, F, **kw))  # [L, F]
         # JumpReLU / BatchTopK-at-inference threshold θ = exp(log_threshold), per feature
         self.log_threshold = nn.Parameter(torch.full((L, F), math.log(0.1), **kw))
+        # W_dec[s]: [F, n_out(s), D], stored target-major ([n_out, F, D] in memory) so that each (source, target)
+        # tile W_dec[s][:, j] is one contiguous [F, D] block: the unit of the sparse decode (training/sparse.py)
         self.W_dec = nn.ParameterList(
-            [nn.Parameter(torch.empty(F, self.n_out(s), D, **kw)) for s in range(L)]
-        )  # W_dec[s]: [F, n_out(s), D]
+            [nn.Parameter(torch.empty(self.n_out(s), F, D, **kw).transpose(0, 1)) for s in range(L)]
+        )
         self.b_dec = nn.Parameter(torch.zeros(L, D, **kw))  # [L, D]
         self.W_skip = nn.Parameter(torch.zeros(L, D, D, **kw)) if cfg.skip else None  # [L, D, D]
         if init:
@@ -169,7 +171,7 @@ class Transcoder(nn.Module):
 
     def decoder_norms(self) -> Tensor:
         """[L, F] norm of each feature's decoder, concatenated over all the layers it writes to."""
-        return torch.stack([self.W_dec[s].flatten(1).norm(dim=1) for s in range(self.cfg.n_layers)])
+        return torch.stack([self.W_dec[s].norm(dim=(1, 2)) for s in range(self.cfg.n_layers)])  # no copy
 
     def target_layers(self, layer: int) -> range:
         return range(layer, layer + self.n_out(layer))
