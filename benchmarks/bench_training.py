@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+import cltrace  # noqa: F401  (before the first large allocation: huge pages, see cltrace/__init__.py)
+
 
 def bare_forward(model, reps: int = 3) -> float:
     from cltrace.data import ContextStream

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+import cltrace  # noqa: F401  (before the first large allocation: huge pages, see cltrace/__init__.py)
+
 
 class RandomRows:
     """An endless source of random (x, y) rows on one device (the trainer's source interface, no resume)."""

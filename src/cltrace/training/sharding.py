@@ -26,13 +26,22 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from cltrace.errors import CltraceError
 from cltrace.training.distributed import Dist
-from cltrace.training.sparse import decode_from_pre, decode_mask, decode_partial, finish_decode, should_decode_sparse
+from cltrace.training.sparse import (
+    Listing,
+    decode_listed,
+    decode_mask,
+    decode_partial,
+    finish_decode,
+    listed_pre_acts,
+    should_decode_sparse,
+)
 from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
 
 SHARDS = "shards.json"
@@ -165,12 +174,24 @@ def make_transcoder(cfg: TranscoderConfig, d: Dist, *, seed: int = 0, device=Non
     return init_shard(cfg, d.fp_rank, d.fp_size, seed=seed, device=device, dtype=dtype)
 
 
-def sharded_forward(tc: Transcoder, x: Tensor, d: Dist, *, sparse: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
-    """x [N, L, D] -> (pre [N, L, F_j], acts [N, L, F_j], reconstruction [N, L, D] of the *whole* transcoder).
+class Forward(NamedTuple):
+    """One training forward: pre-activations and activations of this shard's features, the whole reconstruction,
+    and (sparse TopK/BatchTopK path only) the active entries with their values, which the trainer's statistics
+    read instead of scanning [N, L, F] again."""
+
+    pre: Tensor  # [N, L, F_j]
+    acts: Tensor  # [N, L, F_j]
+    recon: Tensor  # [N, L, D]
+    listing: Listing | None = None
+    vals: Tensor | None = None  # [nnz] the listed activations (detached)
+
+
+def sharded_forward(tc: Transcoder, x: Tensor, d: Dist, *, sparse: str = "auto") -> Forward:
+    """x [N, L, D] -> pre [N, L, F_j], acts [N, L, F_j], reconstruction [N, L, D] of the *whole* transcoder.
 
     One all-reduce of the partial reconstruction; b_dec and the skip term are added after it (once).
     TopK and BatchTopK, decoded sparsely, take the gradient of the encoder at their active entries only
-    (`decode_from_pre`): pre and acts then come back without autograd history.
+    (`listed_pre_acts`): pre and acts then come back without autograd history.
     """
     if tc.cfg.activation in ("topk", "batchtopk") and torch.is_grad_enabled():
         density = tc.cfg.k / global_config(tc.cfg).n_features  # known in advance: k per token and layer
@@ -178,14 +199,16 @@ def sharded_forward(tc: Transcoder, x: Tensor, d: Dist, *, sparse: str = "auto")
             with torch.no_grad():
                 pre = tc.pre_acts(x)
                 acts = sharded_activate(tc, pre, d)
-            partial = decode_from_pre(tc, x, pre, acts != 0)  # [N, L, D] this shard's features only
-            return pre, acts, finish_decode(tc, d.sum_over_features(partial), x)
+            listing = Listing.of(acts != 0)
+            vals = listed_pre_acts(tc, x, pre, listing)  # [nnz]: an active feature's activation is its pre-act
+            partial = decode_listed(tc, listing, vals)  # [N, L, D] this shard's features only
+            return Forward(pre, acts, finish_decode(tc, d.sum_over_features(partial), x), listing, vals.detach())
     pre = tc.pre_acts(x)
     acts = sharded_activate(tc, pre, d)
     mask = decode_mask(tc, acts, pre)
     use_sparse = should_decode_sparse(mask.float().mean().item(), x.device, sparse)
     partial = decode_partial(tc, acts, mask, sparse=use_sparse)  # [N, L, D] this shard's features only
-    return pre, acts, finish_decode(tc, d.sum_over_features(partial), x)
+    return Forward(pre, acts, finish_decode(tc, d.sum_over_features(partial), x))
 
 
 # ---------------------------------------------------------------------- checkpoints

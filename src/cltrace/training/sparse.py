@@ -186,12 +186,16 @@ def decode_listed(tc: Transcoder, listing: Listing, vals: Tensor) -> Tensor:
                                     listing.n_tokens, vals, *tc.W_dec)
 
 
+def listed_pre_acts(tc: Transcoder, x: Tensor, pre: Tensor, listing: Listing) -> Tensor:
+    """pre [N, L, F] computed without autograd -> its listed values [nnz], differentiable in W_enc and b_enc."""
+    return _ListedPreActs.apply(x, pre, listing, tc.W_enc, tc.b_enc)
+
+
 def decode_from_pre(tc: Transcoder, x: Tensor, pre: Tensor, mask: Tensor) -> Tensor:
     """TopK/BatchTopK training: pre [N, L, F] computed without autograd, mask [N, L, F] its active entries ->
     the sparse decode [N, L, D] (no bias), with gradients for the encoder through the listed entries only."""
     listing = Listing.of(mask)
-    vals = _ListedPreActs.apply(x, pre, listing, tc.W_enc, tc.b_enc)
-    return decode_listed(tc, listing, vals)
+    return decode_listed(tc, listing, listed_pre_acts(tc, x, pre, listing))
 
 
 def decode_partial(tc: Transcoder, acts: Tensor, mask: Tensor | None = None, *, sparse: bool = True) -> Tensor:

@@ -114,7 +114,9 @@ class Transcoder(nn.Module):
         """x [N, L, D] -> [N, L, F] (or, for one layer, x [N, D] -> [N, F])."""
         if layer is not None:
             return x @ self.W_enc[layer] + self.b_enc[layer]
-        return torch.einsum("nld,ldf->nlf", x, self.W_enc) + self.b_enc
+        # one batched matmul with the bias fused; the result is layer-major in memory ([L, N, F] transposed),
+        # which keeps per-layer work (BatchTopK's cut-off, the sparse listing) free of copies
+        return torch.baddbmm(self.b_enc[:, None], x.transpose(0, 1), self.W_enc).transpose(0, 1)
 
     def activate(self, pre: Tensor, layer: int | None = None, *, training: bool | None = None) -> Tensor:
         """Pre-activations -> activations, shaped like `pre` ([N, L, F], or [N, F] with `layer`)."""
