@@ -116,6 +116,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args()
+    from cltrace.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as the trainer does: the bare forward is measured under the same allocator
     if args.threads:
         torch.set_num_threads(args.threads)
     note = f", {torch.get_num_threads()} thread(s)"

@@ -421,3 +421,14 @@ def test_loaded_batchtopk_transcoder_uses_its_thresholds(tmp_path):
         many = tc(x)[0][:1]
     # a token's features do not depend on the rest of the batch (values equal up to matmul rounding)
     assert torch.equal(one != 0, many != 0) and torch.allclose(one, many, atol=1e-5)
+
+
+def test_keep_freed_memory_sets_glibc_malloc_and_can_be_turned_off(monkeypatch):
+    import sys
+
+    from cltrace.runtime import keep_freed_memory
+
+    monkeypatch.setenv("CLTRACE_KEEP_FREED_MEMORY", "0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("CLTRACE_KEEP_FREED_MEMORY")
+    assert keep_freed_memory() is sys.platform.startswith("linux")  # glibc's mallopt accepted both settings

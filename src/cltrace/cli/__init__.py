@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         _quiet_libraries()
+    from cltrace.runtime import keep_freed_memory
+
+    keep_freed_memory()  # a CLI process is one job: keep its large temporaries' memory for reuse
     try:
         ctx = Context(args)
         return int(args.run(args, ctx) or 0)

@@ -53,11 +53,12 @@ class TrainingDiverged(CltraceError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, source, *, model_name: str = "", dist=None, log=None):
-        from cltrace.runtime import resolve_device
+        from cltrace.runtime import keep_freed_memory, resolve_device
         from cltrace.training.distributed import Dist
         from cltrace.training.sharding import make_transcoder
 
         cfg.validate()
+        keep_freed_memory()  # every step allocates the same large temporaries: reuse them, do not re-fault them
         self.cfg, self.source = cfg, source
         self.dist = dist if dist is not None else Dist()
         self.log = log or (lambda *a: None)
