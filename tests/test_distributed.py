@@ -114,7 +114,8 @@ def train(tc: Transcoder, d: Dist, batches, lr: float = 1e-2, opt_state=None):
     losses, norms = [], []
     for x, y in batches:
         x, y = d.split_batch(x, y)
-        pre, acts, recon, *_ = sharded_forward(tc, x, d, sparse="never")
+        fwd = sharded_forward(tc, x, d, sparse="never")
+        acts, recon = fwd.acts, fwd.recon
         mse = ((recon - y) ** 2).sum(-1).mean()  # [N, L, D] -> scalar, identical on every feature shard
         penalty = d.sum_over_features((acts * tc.decoder_norms()).sum((1, 2)).mean())  # Σ over all features
         loss = mse + LAMBDA * penalty
@@ -147,7 +148,8 @@ def worker_train(rank: int, feature_shards: int, activation: str, steps: int):
     tc.train()
     losses, _ = train(tc, d, data(steps))
     with torch.no_grad():
-        _, _, recon, *_ = sharded_forward(tc.eval(), data(1, seed=9)[0][0], d)
+        fwd = sharded_forward(tc.eval(), data(1, seed=9)[0][0], d)
+        recon = fwd.recon
     out = {"state": {k: v.detach().clone() for k, v in tc.state_dict().items()}, "losses": losses,
            "recon": recon, "comm": dict(d.comm_bytes), "fp_rank": d.fp_rank, "dp_rank": d.dp_rank}
     if activation == "topk":  # the other global selections: AuxK over dead features, a layer's minimum
@@ -177,7 +179,8 @@ def worker_checkpoint(rank: int, folder: str, steps_before: int, steps_after: in
         opt_state = opt.state_dict()
         _, opt = train(tc, d, batches[steps_before:], opt_state=opt_state)
     with torch.no_grad():
-        _, _, recon, *_ = sharded_forward(tc.eval(), data(1, seed=9)[0][0], d)
+        fwd = sharded_forward(tc.eval(), data(1, seed=9)[0][0], d)
+        recon = fwd.recon
     shutdown(d)
     return {"recon": recon, "state": {k: v.detach().clone() for k, v in tc.state_dict().items()}}
 
@@ -260,7 +263,8 @@ def test_feature_sharded_equals_unsharded(tmp_path, activation):
     ref, ref_losses = single_reference(activation, steps)
     results = launch(worker_train, 2, tmp_path, 2, activation, steps)
     with torch.no_grad():
-        _, _, ref_recon, *_ = sharded_forward(ref.eval(), data(1, seed=9)[0][0], Dist())
+        fwd = sharded_forward(ref.eval(), data(1, seed=9)[0][0], Dist())
+        ref_recon = fwd.recon
     for res in results:
         expect = shard_transcoder(ref, res["fp_rank"], 2).state_dict()
         for k, v in expect.items():
@@ -553,7 +557,8 @@ def worker_clip(rank: int, feature_shards: int):
     full = full_init(make_cfg(skip=True))
     tc = shard_transcoder(full, d.fp_rank, d.fp_size) if d.fp_size > 1 else full
     x, y = d.split_batch(*data(1, seed=4)[0])
-    _, acts, recon, *_ = sharded_forward(tc.train(), x, d, sparse="never")
+    fwd = sharded_forward(tc.train(), x, d, sparse="never")
+    acts, recon = fwd.acts, fwd.recon
     penalty = d.sum_over_features((acts * tc.decoder_norms()).sum((1, 2)).mean())
     (((recon - y) ** 2).sum(-1).mean() + LAMBDA * penalty).backward()
     d.average_gradients(tc.parameters())
@@ -567,7 +572,8 @@ def worker_clip(rank: int, feature_shards: int):
 def test_sharded_clipping_equals_unsharded(tmp_path, world, feature_shards):
     full = full_init(make_cfg(skip=True))
     x, y = data(1, seed=4)[0]
-    _, acts, recon, *_ = sharded_forward(full.train(), x, Dist(), sparse="never")
+    fwd = sharded_forward(full.train(), x, Dist(), sparse="never")
+    acts, recon = fwd.acts, fwd.recon
     (((recon - y) ** 2).sum(-1).mean() + LAMBDA * (acts * full.decoder_norms()).sum((1, 2)).mean()).backward()
     ref_norm = torch.nn.utils.clip_grad_norm_(full.parameters(), CLIP)
     assert ref_norm > 2 * CLIP  # clipping acts: a rank using only its own norm would scale differently

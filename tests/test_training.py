@@ -143,7 +143,8 @@ def test_listed_encoder_gradient_equals_dense_autograd(kind, activation):
     for listed in (True, False):
         tc.zero_grad()
         if listed:
-            pre, acts, recon, *_ = sharded_forward(tc, x, Dist(), sparse="always")
+            fwd = sharded_forward(tc, x, Dist(), sparse="always")
+            pre, acts, recon = fwd.pre, fwd.acts, fwd.recon
             assert not pre.requires_grad  # the listed path was taken
         else:
             acts = tc.activate(tc.pre_acts(x))

@@ -19,20 +19,22 @@ class FeatureStats:
         self.updates = 0
 
     @torch.no_grad()
-    def update(self, acts: Tensor, listing=None, decay: float = 0.9) -> Tensor:
-        """acts [N, L, F] (or `listing`, its nonzero entries, when the step has one); returns [L] mean L0."""
-        if listing is not None:
+    def update(self, fwd, decay: float = 0.9) -> Tensor:
+        """fwd: the step's `sharding.Forward` (its listing of active entries, or its activations [N, L, F]);
+        returns [L] mean L0 of this batch."""
+        n_tokens = fwd.pre.shape[0]
+        if fwd.listing is not None:
             L, F = self.since_fired.shape
-            count = torch.bincount(listing.lay * F + listing.feats, minlength=L * F).view(L, F)  # [L, F]
+            count = torch.bincount(fwd.listing.lay * F + fwd.listing.feats, minlength=L * F).view(L, F)  # [L, F]
         else:
-            count = (acts != 0).sum(0, dtype=torch.int32)  # [L, F] (int32: no int64 copy of the [N, L, F] mask)
-        self.since_fired += acts.shape[0]
+            count = (fwd.acts != 0).sum(0, dtype=torch.int32)  # [L, F] (int32: no int64 copy of the mask)
+        self.since_fired += n_tokens
         self.since_fired[count > 0] = 0
-        rate = count.float() / acts.shape[0]
+        rate = count.float() / n_tokens
         d = decay if self.updates else 0.0
         self.frequency.mul_(d).add_((1 - d) * rate)
         self.updates += 1
-        return count.sum(-1).float() / acts.shape[0]  # [L] mean active features per token
+        return count.sum(-1).float() / n_tokens  # [L] mean active features per token
 
     def dead(self, window: int) -> Tensor:
         """[L, F] bool: not fired for `window` tokens (or ever, when fewer have been seen)."""

@@ -25,8 +25,8 @@ import copy
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -42,6 +42,7 @@ from cltrace.training.sparse import (
     listed_pre_acts,
     should_decode_sparse,
 )
+from cltrace.transcoders.activations import batch_topk_mask
 from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
 
 SHARDS = "shards.json"
@@ -174,16 +175,31 @@ def make_transcoder(cfg: TranscoderConfig, d: Dist, *, seed: int = 0, device=Non
     return init_shard(cfg, d.fp_rank, d.fp_size, seed=seed, device=device, dtype=dtype)
 
 
-class Forward(NamedTuple):
-    """One training forward: pre-activations and activations of this shard's features, the whole reconstruction,
-    and (sparse TopK/BatchTopK path only) the active entries with their values, which the trainer's statistics
-    read instead of scanning [N, L, F] again."""
+@dataclass
+class Forward:
+    """One training forward: pre-activations of this shard's features, the whole reconstruction, and on the
+    sparse TopK/BatchTopK path the active entries with their values (the trainer's statistics read those
+    instead of scanning [N, L, F] again; the dense activations are then built only if asked for)."""
 
     pre: Tensor  # [N, L, F_j]
-    acts: Tensor  # [N, L, F_j]
     recon: Tensor  # [N, L, D]
     listing: Listing | None = None
     vals: Tensor | None = None  # [nnz] the listed activations (detached)
+    dense_acts: Tensor | None = None  # [N, L, F_j] (the dense path's activations)
+
+    @property
+    def acts(self) -> Tensor:
+        """[N, L, F_j] activations of this shard's features."""
+        if self.dense_acts is None:
+            self.dense_acts = self.listing.scatter(self.vals, self.pre)
+        return self.dense_acts
+
+
+def sharded_active_mask(tc: Transcoder, pre: Tensor, d: Dist) -> Tensor:
+    """bool [N, L, F_j]: the entries TopK/BatchTopK keep in training, without building the activations."""
+    if d.fp_size == 1 and tc.cfg.activation == "batchtopk":
+        return batch_topk_mask(pre, tc.cfg.k)
+    return sharded_activate(tc, pre, d, training=True) != 0
 
 
 def sharded_forward(tc: Transcoder, x: Tensor, d: Dist, *, sparse: str = "auto") -> Forward:
@@ -198,17 +214,16 @@ def sharded_forward(tc: Transcoder, x: Tensor, d: Dist, *, sparse: str = "auto")
         if should_decode_sparse(density, x.device, sparse):
             with torch.no_grad():
                 pre = tc.pre_acts(x)
-                acts = sharded_activate(tc, pre, d)
-            listing = Listing.of(acts != 0)
+                listing = Listing.of(sharded_active_mask(tc, pre, d))
             vals = listed_pre_acts(tc, x, pre, listing)  # [nnz]: an active feature's activation is its pre-act
             partial = decode_listed(tc, listing, vals)  # [N, L, D] this shard's features only
-            return Forward(pre, acts, finish_decode(tc, d.sum_over_features(partial), x), listing, vals.detach())
+            return Forward(pre, finish_decode(tc, d.sum_over_features(partial), x), listing, vals.detach())
     pre = tc.pre_acts(x)
     acts = sharded_activate(tc, pre, d)
     mask = decode_mask(tc, acts, pre)
     use_sparse = should_decode_sparse(mask.float().mean().item(), x.device, sparse)
     partial = decode_partial(tc, acts, mask, sparse=use_sparse)  # [N, L, D] this shard's features only
-    return Forward(pre, acts, finish_decode(tc, d.sum_over_features(partial), x))
+    return Forward(pre, finish_decode(tc, d.sum_over_features(partial), x), dense_acts=acts)
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -145,6 +145,12 @@ class Listing:
         the encoder's bmm lays out pre-activations: mixed memory layouts cost [N, L, F] copies in the backward."""
         return t.transpose(0, 1)[self.lay, self.rows, self.feats]
 
+    def scatter(self, vals: Tensor, like: Tensor) -> Tensor:
+        """vals [nnz] -> a dense [N, L, F] tensor shaped and laid out like `like`, zero where nothing is listed."""
+        dense = like.new_zeros(like.shape[1], like.shape[0], like.shape[2], dtype=vals.dtype)  # [L, N, F]
+        dense[self.lay, self.rows, self.feats] = vals
+        return dense.transpose(0, 1)
+
     def by_layer(self, t: Tensor) -> tuple[Tensor, ...]:
         return t.split(self.per_layer)
 

@@ -218,13 +218,13 @@ class Trainer:
 
         with self._autocast():
             fwd = sharded_forward(tc, x, d, sparse=cfg.sparse_decode)
-        pre, acts, recon = fwd.pre, fwd.acts, fwd.recon  # [N, L, F], [N, L, F], [N, L, D]
+        pre, recon = fwd.pre, fwd.recon  # [N, L, F], [N, L, D]
         recon_loss, nmse = reconstruction_loss(recon, y, self.y_var)
         terms = {"recon": recon_loss}
         if cfg.activation in ("jumprelu", "relu"):
             norms = tc.decoder_norms()  # [L, F] ‖W_dec_i‖ over all the layers feature i writes to
             if lam > 0:
-                terms["sparsity"] = lam * d.sum_over_features(tanh_sparsity(acts, norms, cfg.sparsity_c))
+                terms["sparsity"] = lam * d.sum_over_features(tanh_sparsity(fwd.acts, norms, cfg.sparsity_c))
             if cfg.preact > 0 and cfg.activation == "jumprelu":
                 terms["preact"] = cfg.preact * d.sum_over_features(preact_loss(pre, tc.threshold, norms))
         elif cfg.auxk > 0:
@@ -251,7 +251,7 @@ class Trainer:
         with torch.no_grad():
             if cfg.activation == "batchtopk":
                 self._update_batchtopk_threshold(fwd)
-            l0 = d.reduce_over_features(self.stats.update(acts, fwd.listing))  # [L] summed over feature shards
+            l0 = d.reduce_over_features(self.stats.update(fwd))  # [L] summed over feature shards
         self.step += 1
         return {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "nmse_layers": nmse, "l0_layers": l0,
                 "lr": lr, "lambda": lam, "grad_norm": gnorm.item()}

@@ -91,6 +91,13 @@ def batch_topk_cutoff(pre: Tensor, k: int, *, sample_stride: int = 16) -> Tensor
     return torch.stack(cutoffs)
 
 
+def batch_topk_mask(x: Tensor, k: int) -> Tensor:
+    """x [N, L, F] -> bool [N, L, F]: the entries BatchTopK keeps (≥ the layer's cut-off, and > 0)."""
+    cutoff = batch_topk_cutoff(x, k)  # [L]
+    tiny = torch.finfo(x.dtype).tiny  # a non-positive cut-off keeps exactly the positive values
+    return x >= torch.where(cutoff > 0, cutoff, tiny).to(x.dtype)[None, :, None]
+
+
 def batch_topk(x: Tensor, k: int) -> Tensor:
     """Keep the k·N largest positive pre-activations of the whole batch (Bussmann et al. 2024).
 
@@ -99,8 +106,5 @@ def batch_topk(x: Tensor, k: int) -> Tensor:
     memory layout. Ties at the cut-off are all kept.
     """
     x3 = x[:, None] if x.dim() == 2 else x
-    cutoff = batch_topk_cutoff(x3, k)  # [L]
-    tiny = torch.finfo(x.dtype).tiny  # a non-positive cut-off keeps exactly the positive values
-    keep = x3 >= torch.where(cutoff > 0, cutoff, tiny).to(x.dtype)[None, :, None]
-    out = torch.where(keep, x3, 0.0)  # no bool -> float conversion pass, forward or backward
+    out = torch.where(batch_topk_mask(x3, k), x3, 0.0)  # no bool -> float conversion pass, forward or backward
     return out[:, 0] if x.dim() == 2 else out
