@@ -433,3 +433,19 @@ def test_keep_freed_memory_sets_glibc_malloc_and_can_be_turned_off(monkeypatch):
     assert keep_freed_memory() is False
     monkeypatch.delenv("CLTRACE_KEEP_FREED_MEMORY")
     assert keep_freed_memory() is sys.platform.startswith("linux")  # glibc's mallopt accepted both settings
+
+
+def test_a_loaded_transcoder_has_the_modules_memory_layout_and_computes_bit_for_bit(tmp_path):
+    """Loading copies into the module's own layout (target-major W_dec): the same floating-point operations in the
+    same order as the saved one, so a resumed or reloaded run does not drift by rounding."""
+    from cltrace.transcoders.io import save_transcoder
+
+    tc = make_tc("clt", "batchtopk", skip=True).eval()
+    loaded = load_transcoder(save_transcoder(tc, tmp_path / "tc"))
+    for s in range(L):
+        assert loaded.W_dec[s].stride() == tc.W_dec[s].stride() and not tc.W_dec[s].is_contiguous() or s == L - 1
+    x, _ = synthetic(64, seed=5)
+    with torch.no_grad():
+        a1, r1 = tc(x)
+        a2, r2 = loaded(x)
+    assert torch.equal(a1, a2) and torch.equal(r1, r2)

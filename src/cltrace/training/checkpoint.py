@@ -113,8 +113,7 @@ def transcoder_from_checkpoint(path: str | Path, *, device="cpu", dtype=torch.fl
         model_name=meta.get("model_name", ""),
         extra={"training": {"checkpoint": str(path), "steps": meta.get("step"), "tokens": meta.get("tokens")}},
     )
-    tc = Transcoder(cfg, init=False)
-    tc.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("tc.")})
+    tc = Transcoder.from_state_dict(cfg, {k[3:]: v for k, v in t.items() if k.startswith("tc.")})
     tc.fold_normalization(t["norm.x_scale"], t["norm.y_scale"])
     return tc.eval().to(device=device, dtype=dtype)
 

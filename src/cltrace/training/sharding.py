@@ -295,9 +295,8 @@ def load_shard(folder: str | Path, shard: int, *, device="cpu", dtype=torch.floa
     if shard != 0:  # shared parameters live in shard 0
         shared = load_file(str(folder / shard_file(0, n)))
         state.update({k: shared[k] for k in SHARED_PARAMS if k in shared})
-    local = Transcoder(shard_config(cfg, shard, n), device="meta", init=False)
-    local.load_state_dict({_param_name(k): v for k, v in state.items()}, assign=True)
-    return local.to(device=device, dtype=dtype)
+    return Transcoder.from_state_dict(shard_config(cfg, shard, n), {_param_name(k): v for k, v in state.items()},
+                                      device=device, dtype=dtype)
 
 
 def load_sharded(folder: str | Path, *, device="cpu", dtype=torch.float32) -> Transcoder:
@@ -317,12 +316,10 @@ def load_sharded(folder: str | Path, *, device="cpu", dtype=torch.float32) -> Tr
     if state["W_enc"].shape[-1] != cfg.n_features or bounds[-1][1] != cfg.n_features:
         raise CltraceError(f"{folder}: shards hold {state['W_enc'].shape[-1]} features, config says "
                            f"{cfg.n_features}")
-    tc = Transcoder(cfg, device="meta", init=False)
     try:
-        tc.load_state_dict(state, assign=True)
+        return Transcoder.from_state_dict(cfg, state, device=device, dtype=dtype)
     except RuntimeError as e:
         raise CltraceError(f"{folder}: shards do not fit the config ({e})") from e
-    return tc.to(device=device, dtype=dtype)
 
 
 def merge_shards(folder: str | Path, out: str | Path) -> Path:

@@ -175,15 +175,15 @@ class _ListedPreActs(torch.autograd.Function):
     def backward(ctx, dvals: Tensor):
         (x,) = ctx.saved_tensors
         lst, Fn = ctx.listing, ctx.n_features
-        x_layers = x.transpose(0, 1).contiguous()  # [L, N, D]: each layer's rows contiguous (the bag table)
-        gW = x.new_empty(x.shape[1], x.shape[2], Fn)  # [L, D, F]
+        x_layers = x.transpose(0, 1).contiguous()  # [L, N, D] each layer's rows contiguous (the trainer's x is)
+        gW = x.new_empty(x.shape[1], Fn, x.shape[2])  # [L, F, D], one embedding_bag per layer
         for l, (rows, feats, dv) in enumerate(zip(lst.by_layer(lst.rows), lst.by_layer(lst.feats),
                                                   lst.by_layer(dvals))):
             by_feat = feats.argsort(stable=True)
             gW[l] = F.embedding_bag(rows[by_feat], x_layers[l], _bag_offsets(feats[by_feat], Fn), mode="sum",
-                                    per_sample_weights=dv[by_feat].to(x.dtype)).t()
+                                    per_sample_weights=dv[by_feat].to(x.dtype))
         gb = dvals.new_zeros(x.shape[1], Fn).index_put_((lst.lay, lst.feats), dvals, accumulate=True)
-        return None, None, None, gW, gb
+        return None, None, None, gW.transpose(1, 2), gb  # [L, D, F] (autograd lays it out as W_enc, one copy)
 
 
 def decode_listed(tc: Transcoder, listing: Listing, vals: Tensor) -> Tensor:

@@ -74,11 +74,9 @@ def load_circuit_tracer(folder: str | Path, *, device="cpu", dtype=torch.float32
         model_name=str(cfg.get("model_name", "")),
         extra={"input_hook": INPUT_HOOKS[in_hook], "source": "circuit-tracer", "scan": str(cfg.get("scan", folder))},
     )
-    tc = Transcoder(tcfg, device="meta", init=False)
     state = {k: v for k, v in params.items() if not k.startswith("W_dec")}
     state.update({f"W_dec.{s}": w for s, w in enumerate(params["W_dec"])})
-    tc.load_state_dict(state, assign=True)
-    return tc.to(device=device, dtype=dtype)
+    return Transcoder.from_state_dict(tcfg, state, device=device, dtype=dtype)
 
 
 def _load_numbered(folder: Path, pattern: str, load_file) -> list[dict[str, Tensor]]:

@@ -85,8 +85,7 @@ def _load(folder: Path, *, device, dtype) -> Transcoder:
     for name, p in tc.named_parameters():
         if tuple(state[name].shape) != tuple(p.shape):
             raise CltraceError(f"{folder}: {name} has shape {tuple(state[name].shape)}, config says {tuple(p.shape)}")
-    tc.load_state_dict(state, assign=True)
-    return tc.to(device=device, dtype=dtype)
+    return Transcoder.from_state_dict(cfg, state, device=device, dtype=dtype)
 
 
 def _param_name(key: str) -> str:

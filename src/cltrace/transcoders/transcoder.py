@@ -75,6 +75,15 @@ class Transcoder(nn.Module):
         if init:
             self.reset_parameters()
 
+    @classmethod
+    def from_state_dict(cls, cfg: TranscoderConfig, state: dict, *, device=None,
+                        dtype=torch.float32) -> Transcoder:
+        """A transcoder holding `state`, copied into the module's own memory layout (target-major W_dec), so
+        that a loaded transcoder computes bit for bit as the one that was saved."""
+        tc = cls(cfg, device=device, dtype=dtype, init=False)
+        tc.load_state_dict(state)
+        return tc
+
     # ------------------------------------------------------------------ shape
     @property
     def n_layers(self) -> int:
