@@ -219,6 +219,14 @@ def test_cache_round_trip(llama, tmp_path, dtype, tol):
     assert _multiset(x, y) == _multiset(ex.to(tdtype).float(), ey.to(tdtype).float())  # all rows, shuffled
 
 
+def test_cache_runs_the_model_on_about_the_tokens_it_writes(llama, tmp_path):
+    """600 tokens in 256-row chunks: the stream's block holds whole chunks (768 rows), so the third chunk does not
+    straddle into a second block, which would run the model over another whole block."""
+    m = write_activation_cache(llama, DOCS, tmp_path, 600, shard_tokens=256, context_len=32, model_batch=2,
+                               split="all", progress=False)
+    assert 600 <= m["model_tokens"] <= 768 + 2 * 32 * 2  # whole chunks, plus the special tokens left out
+
+
 def test_cache_resume_and_manifest_checks(llama, tmp_path):
     write_activation_cache(llama, DOCS, tmp_path, 700, context_len=16, shard_tokens=128, split="all",
                            progress=False)

@@ -90,13 +90,17 @@ def write_activation_cache(
     L, D = model.n_layers, model.d_model
     row_bytes = L * D * 2
     shard_tokens = shard_tokens or max(1, int(shard_mb * 2**20 // row_bytes))
+    chunk = min(4096, shard_tokens, n_tokens)  # rows asked of the stream at a time (no more than needed)
+    # a block holds whole chunks: a last chunk straddling into a new block runs the model over that whole block
+    # (10,240 tokens in 4,096-row chunks ran it over 20,480)
+    buffer_tokens = buffer_tokens or min(-(-n_tokens // chunk) * chunk,
+                                         max(chunk, default_buffer_tokens(L, D) // chunk * chunk))
     source = StreamingActivations(
         model, corpus, context_len=context_len, model_batch=model_batch,
-        buffer_tokens=buffer_tokens or min(n_tokens, default_buffer_tokens(L, D)),
+        buffer_tokens=buffer_tokens,
         keep_special=keep_special, outlier_factor=outlier_factor, split=split, heldout_frac=heldout_frac,
         loop=True,
     )
-    chunk = min(4096, shard_tokens, n_tokens)  # rows asked of the stream at a time (no more than needed)
     batches = source.batches(chunk, seed=seed, track=False)
     bar = _progress(n_tokens, progress)
     shards = []
