@@ -73,24 +73,24 @@ class _TiledSparseDecode(torch.autograd.Function):
     def forward(ctx, rows: tuple, feats: tuple, n_tokens: int, vals: Tensor, *W_dec: Tensor) -> Tensor:
         N, L, D = n_tokens, len(W_dec), W_dec[0].shape[-1]
         vals_s = vals.split([len(r) for r in rows])
-        out = vals.new_zeros(N, L, D)
+        out = vals.new_zeros(L, N, D)  # target-major, the layout of the trainer's x and y
         for s, W in enumerate(W_dec):  # W [F, n_out, D]
             if len(rows[s]) == 0:
                 continue
             offsets = _bag_offsets(rows[s], N)
             for j in range(W.shape[1]):
-                out[:, s + j] += F.embedding_bag(feats[s], W[:, j].contiguous(), offsets, mode="sum",
-                                                 per_sample_weights=vals_s[s])
+                out[s + j] += F.embedding_bag(feats[s], W[:, j].contiguous(), offsets, mode="sum",
+                                              per_sample_weights=vals_s[s])
         ctx.rows, ctx.feats = rows, feats
         ctx.save_for_backward(vals, *W_dec)
-        return out
+        return out.transpose(0, 1)  # [N, L, D]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         vals, *W_dec = ctx.saved_tensors
         rows, feats = ctx.rows, ctx.feats
         N = grad.shape[0]
-        g = grad.transpose(0, 1).contiguous()  # [L, N, D]: each target's gradient contiguous
+        g = grad.transpose(0, 1).contiguous()  # [L, N, D] each target's gradient contiguous (usually a view)
         vals_s = vals.split([len(r) for r in rows])
         dvals, dW = [], []
         for s, W in enumerate(W_dec):
