@@ -14,7 +14,7 @@ lists the features inside the window (weight 0 in the forward, exact gradient in
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -70,9 +70,9 @@ class _TiledSparseDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows: tuple, feats: tuple, n_tokens: int, vals: Tensor, *W_dec: Tensor) -> Tensor:
-        N, L, D = n_tokens, len(W_dec), W_dec[0].shape[-1]
-        vals_s = vals.split([len(r) for r in rows])
+    def forward(ctx, listing: Listing, vals: Tensor, *W_dec: Tensor) -> Tensor:
+        N, L, D = listing.n_tokens, len(W_dec), W_dec[0].shape[-1]
+        rows, feats, vals_s = listing.by_layer(listing.rows), listing.by_layer(listing.feats), listing.by_layer(vals)
         out = vals.new_zeros(L, N, D)  # target-major, the layout of the trainer's x and y
         for s, W in enumerate(W_dec):  # W [F, n_out, D]
             if len(rows[s]) == 0:
@@ -81,22 +81,22 @@ class _TiledSparseDecode(torch.autograd.Function):
             for j in range(W.shape[1]):
                 out[s + j] += F.embedding_bag(feats[s], W[:, j].contiguous(), offsets, mode="sum",
                                               per_sample_weights=vals_s[s])
-        ctx.rows, ctx.feats = rows, feats
+        ctx.listing = listing
         ctx.save_for_backward(vals, *W_dec)
         return out.transpose(0, 1)  # [N, L, D]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         vals, *W_dec = ctx.saved_tensors
-        rows, feats = ctx.rows, ctx.feats
+        lst = ctx.listing
+        rows, feats, vals_s = lst.by_layer(lst.rows), lst.by_layer(lst.feats), lst.by_layer(vals)
         N = grad.shape[0]
         g = grad.transpose(0, 1).contiguous()  # [L, N, D] each target's gradient contiguous (usually a view)
-        vals_s = vals.split([len(r) for r in rows])
         dvals, dW = [], []
         for s, W in enumerate(W_dec):
             Fn, n_out = W.shape[0], W.shape[1]
             dv = vals_s[s].new_zeros(len(rows[s]))
-            gW = torch.empty_like(W) if ctx.needs_input_grad[4 + s] else None  # W's strides: tiles contiguous
+            gW = torch.empty_like(W) if ctx.needs_input_grad[2 + s] else None  # W's strides: tiles contiguous
             if len(rows[s]) == 0 and gW is not None:
                 gW.zero_()
             elif len(rows[s]):
@@ -104,18 +104,17 @@ class _TiledSparseDecode(torch.autograd.Function):
                 with warnings.catch_warnings():  # "CSR support is in beta": nothing a user can act on
                     warnings.simplefilter("ignore")
                     pattern = torch.sparse_csr_tensor(crow, feats[s], vals_s[s], (N, Fn))  # for sampled_addmm
-                by_feat = feats[s].argsort(stable=True)  # the same nonzeros grouped by feature for ∂W
-                rows_f, vals_f = rows[s][by_feat], vals_s[s][by_feat]
-                feat_offsets = _bag_offsets(feats[s][by_feat], Fn)
+                by_feat, rows_f, feat_offsets = lst.by_feature(s, Fn)  # the same nonzeros grouped by feature
+                vals_f = vals_s[s][by_feat]
                 for j in range(n_out):
                     t = s + j
-                    if ctx.needs_input_grad[3]:
+                    if ctx.needs_input_grad[1]:
                         dv += torch.sparse.sampled_addmm(pattern, g[t], W[:, j].contiguous().t(), beta=0.0).values()
                     if gW is not None:
                         gW[:, j] = F.embedding_bag(rows_f, g[t], feat_offsets, mode="sum", per_sample_weights=vals_f)
             dvals.append(dv)
             dW.append(gW)
-        return (None, None, None, torch.cat(dvals), *dW)
+        return (None, torch.cat(dvals), *dW)
 
 
 def _bag_offsets(sorted_ids: Tensor, n: int) -> Tensor:
@@ -133,6 +132,7 @@ class Listing:
     feats: Tensor  # [nnz] feature
     per_layer: list[int]  # entries per source layer
     n_tokens: int
+    _by_feature: dict = field(default_factory=dict, repr=False)  # layer -> by_feature(layer), computed once
 
     @staticmethod
     def of(mask: Tensor) -> Listing:
@@ -153,6 +153,15 @@ class Listing:
 
     def by_layer(self, t: Tensor) -> tuple[Tensor, ...]:
         return t.split(self.per_layer)
+
+    def by_feature(self, layer: int, n_features: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Layer `layer`'s entries grouped by feature, for the ∂W products (decoder and encoder backward):
+        (order [nnz_l] into the layer's entries, their tokens in that order, [F] embedding_bag offsets)."""
+        if layer not in self._by_feature:
+            rows, feats = self.by_layer(self.rows)[layer], self.by_layer(self.feats)[layer]
+            order = feats.argsort(stable=True)
+            self._by_feature[layer] = (order, rows[order], _bag_offsets(feats[order], n_features))
+        return self._by_feature[layer]
 
 
 class _ListedPreActs(torch.autograd.Function):
@@ -177,10 +186,9 @@ class _ListedPreActs(torch.autograd.Function):
         lst, Fn = ctx.listing, ctx.n_features
         x_layers = x.transpose(0, 1).contiguous()  # [L, N, D] each layer's rows contiguous (the trainer's x is)
         gW = x.new_empty(x.shape[1], Fn, x.shape[2])  # [L, F, D], one embedding_bag per layer
-        for l, (rows, feats, dv) in enumerate(zip(lst.by_layer(lst.rows), lst.by_layer(lst.feats),
-                                                  lst.by_layer(dvals))):
-            by_feat = feats.argsort(stable=True)
-            gW[l] = F.embedding_bag(rows[by_feat], x_layers[l], _bag_offsets(feats[by_feat], Fn), mode="sum",
+        for l, dv in enumerate(lst.by_layer(dvals)):
+            by_feat, rows_f, feat_offsets = lst.by_feature(l, Fn)
+            gW[l] = F.embedding_bag(rows_f, x_layers[l], feat_offsets, mode="sum",
                                     per_sample_weights=dv[by_feat].to(x.dtype))
         gb = dvals.new_zeros(x.shape[1], Fn).index_put_((lst.lay, lst.feats), dvals, accumulate=True)
         return None, None, None, gW.transpose(1, 2), gb  # [L, D, F] (autograd lays it out as W_enc, one copy)
@@ -188,8 +196,7 @@ class _ListedPreActs(torch.autograd.Function):
 
 def decode_listed(tc: Transcoder, listing: Listing, vals: Tensor) -> Tensor:
     """The listed activations vals [nnz] -> Σ_s a_s W_dec[s] placed on target layers: [N, L, D], no bias."""
-    return _TiledSparseDecode.apply(listing.by_layer(listing.rows), listing.by_layer(listing.feats),
-                                    listing.n_tokens, vals, *tc.W_dec)
+    return _TiledSparseDecode.apply(listing, vals, *tc.W_dec)
 
 
 def listed_pre_acts(tc: Transcoder, x: Tensor, pre: Tensor, listing: Listing) -> Tensor:

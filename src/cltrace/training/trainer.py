@@ -231,8 +231,8 @@ class Trainer:
             dead = self.stats.dead(cfg.dead_tokens)
             if d.reduce_over_features(dead.any().float(), "max") > 0:  # every shard takes the same branch
                 aux = sharded_auxk_acts(pre, dead, cfg.auxk_k or 2 * cfg.k, d)  # [N, L, F]
-                # pre without history came from the sparse path: the encoder's gradient goes through the listing
-                aux_part = decode_partial(tc, aux) if pre.requires_grad else decode_from_pre(tc, x, pre, aux != 0)
+                # on the listed path pre has no history: the encoder's gradient goes through a listing too
+                aux_part = decode_partial(tc, aux) if fwd.listing is None else decode_from_pre(tc, x, pre, aux != 0)
                 aux_recon = d.sum_over_features(aux_part)  # [N, L, D] no bias
                 terms["auxk"] = cfg.auxk * auxk_loss(aux_recon, (y - recon).detach(), self.y_var)
         loss = sum(terms.values())
