@@ -407,7 +407,7 @@ def max_param_diff(a, b) -> float:
 
 
 def check_sparse_decode(rec: Recorder, dev: torch.device) -> None:
-    from cltrace.training.sparse import decode_mask, decode_partial, finish_decode
+    from cltrace.transcoders.sparse import decode_mask, decode_partial, finish_decode
     from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
 
     x, y = (t.to(dev) for t in synthetic(32))

@@ -23,7 +23,7 @@ def setup():
         pytest.skip("gemma-3-270m not prepared (`cltrace models --prepare`)")
     model = load_model("gemma-3-270m")
     ids = model.tokenize(PROMPT)
-    tc = random_transcoder(model, "clt", 256, 10, ids=ids, input_hook="resid_mid")
+    tc = random_transcoder(model, "clt", 256, 10, ids=ids, reads="resid_mid")
     return model, ids, tc, attribute(model, tc, ids, batch_size=64)
 
 

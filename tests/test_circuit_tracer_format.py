@@ -15,7 +15,7 @@ L, D, F, N = 3, 16, 24, 7
 def make(kind: str, skip: bool = False) -> Transcoder:
     torch.manual_seed(0)
     tc = Transcoder(TranscoderConfig(kind=kind, n_layers=L, d_model=D, n_features=F, skip=skip,
-                                     extra={"input_hook": "resid_mid"})).eval()
+                                     reads="resid_mid")).eval()
     with torch.no_grad():
         tc.b_enc.normal_(0, 0.1)
         tc.b_dec.normal_(0, 0.1)
@@ -58,7 +58,7 @@ def test_round_trip_and_reconstruction(tmp_path, kind, skip):
     tc = make(kind, skip)
     export_circuit_tracer(tc, tmp_path, model_name="tiny")
     back = load_circuit_tracer(tmp_path)
-    assert back.cfg.kind == kind and back.cfg.extra["input_hook"] == "resid_mid"
+    assert back.cfg.kind == kind and back.cfg.reads == "resid_mid"
     assert back.cfg.model_name == "tiny" and (back.W_skip is not None) == skip
     for name, p in tc.named_parameters():
         assert torch.allclose(dict(back.named_parameters())[name], p, atol=1e-6), name

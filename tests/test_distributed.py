@@ -23,19 +23,14 @@ from cltrace.training import train as train_run
 from cltrace.training.distributed import Dist, FailureGuard, init_distributed, prefetch, shutdown
 from cltrace.training.losses import auxk_acts
 from cltrace.training.sharding import (
-    global_config,
     init_shard,
-    load_shard,
-    load_sharded,
-    merge_shards,
-    save_shard,
-    shard_bounds,
     shard_transcoder,
     sharded_auxk_acts,
     sharded_forward,
     shared_parameters,
 )
-from cltrace.transcoders.io import load_transcoder
+from cltrace.transcoders.io import load_transcoder, merge_shards
+from cltrace.transcoders.sharded import global_config, load_shard, load_sharded, save_shard, shard_bounds
 from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
 
 L, D, F, N = 3, 8, 12, 16

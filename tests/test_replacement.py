@@ -31,9 +31,9 @@ def test_replacement_reproduces_logits(model, kind):
 def test_replacement_reads_resid_mid(model):
     """circuit-tracer's CLTs read the residual stream before the MLP norm."""
     ids = model.tokenize(PROMPT)
-    tc = random_transcoder(model, "clt", 64, 10, ids=ids, input_hook="resid_mid")
+    tc = random_transcoder(model, "clt", 64, 10, ids=ids, reads="resid_mid")
     rep = build_replacement(model, tc, ids)
-    assert rep.point == "resid_mid"
+    assert rep.tc.cfg.reads == "resid_mid"
     assert torch.allclose(rep.forward(), model.logits(ids)[0], atol=1e-5, rtol=0)
 
 

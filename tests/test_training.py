@@ -15,7 +15,6 @@ from cltrace.training.checkpoint import checkpoint_root, latest_checkpoint, load
 from cltrace.training.losses import preact_loss, reconstruction_loss, tanh_sparsity
 from cltrace.training.metrics import read_metrics
 from cltrace.training.schedule import lr_factor, sparsity_factor
-from cltrace.training.sparse import decode_mask, decode_partial, finish_decode
 from cltrace.transcoders.activations import jumprelu
 from cltrace.transcoders.io import load_transcoder
 from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
@@ -114,8 +113,8 @@ def test_sparse_decode_equals_dense_in_value_and_gradient(kind, activation, skip
         tc.zero_grad()
         pre = tc.pre_acts(x)
         acts = tc.activate(pre)
-        mask = decode_mask(tc, acts, pre)
-        recon = finish_decode(tc, decode_partial(tc, acts, mask, sparse=sparse), x)
+        mask = tc.decode_mask(acts, pre)
+        recon = tc.add_bias_and_skip(tc.decode_features(acts, mask, sparse=sparse), x)
         ((recon - y) ** 2).sum().backward()
         results.append((recon.detach(), {n: p.grad.clone() for n, p in tc.named_parameters() if p.grad is not None}))
     (r1, g1), (r2, g2) = results
@@ -148,7 +147,7 @@ def test_listed_encoder_gradient_equals_dense_autograd(kind, activation):
             assert not pre.requires_grad  # the listed path was taken
         else:
             acts = tc.activate(tc.pre_acts(x))
-            recon = finish_decode(tc, decode_partial(tc, acts, sparse=False), x)
+            recon = tc.decode(acts, x, sparse=False)
         ((recon - y) ** 2).sum().backward()
         results.append((acts.detach(), recon.detach(), {n: p.grad.clone() for n, p in tc.named_parameters()
                                                         if p.grad is not None}))

@@ -51,14 +51,14 @@ def _leaf_pass(rep: LocalReplacement, emb: Tensor, outs: list[Tensor], stop_at_l
     def mlp(layer: int, resid_mid: Tensor, mlp_in: Tensor) -> Tensor:
         if tc.W_skip is None:
             return outs[layer]
-        x = resid_mid if rep.point == "resid_mid" else mlp_in
+        x = tc.select_input(resid_mid, mlp_in)
         return outs[layer] + (x.to(tc.W_skip.dtype) @ tc.W_skip[layer]).to(outs[layer].dtype)
 
     return frozen_forward(rep.model, emb, frozen_prefix(rep.frozen, emb.shape[1]), mlp, stop_at_layer)
 
 
 def _reads(rep: LocalReplacement, fp: FrozenPass) -> list[Tensor]:
-    return fp.resid_mid if rep.point == "resid_mid" else fp.mlp_in
+    return rep.tc.select_input(fp.resid_mid, fp.mlp_in)
 
 
 def build_leaves(rep: LocalReplacement, n_pos: int | None = None, stop_at_layer: int | None = None) -> _Leaves:
@@ -191,7 +191,7 @@ class RowComputer:
         for s, sl in enumerate(self.slices):
             if sl.stop == sl.start:
                 continue
-            vecs = tc.W_dec[s][feats.index[sl]].float() * feats.act[sl].float()[:, None, None]  # [n, n_out, D]
+            vecs = tc.feature_writes(s, feats.index[sl], feats.act[sl]).float()  # [n, n_out, D]
             cols = torch.arange(sl.start, sl.stop, device=vecs.device)
             for j in range(tc.n_out(s)):
                 parts[s + j].append((cols, feats.pos[sl], vecs[:, j]))
@@ -344,7 +344,7 @@ def attribute(
     timings["total"] = time.perf_counter() - t0
     graph.meta.update(seconds=timings, batch_size=B, n_feature_batches=n_batches, n_active_features=nf,
                       dtype=str(leaves.emb.dtype), model=model.name, transcoder_kind=tc.cfg.kind,
-                      transcoder_input=rep.point, scan=tc.cfg.extra.get("scan", ""))
+                      transcoder_input=tc.cfg.reads, scan=tc.cfg.extra.get("scan", ""))
     if log:
         log(f"attribution: {nf} active features, {len(visited)} rows of features, {len(tgts)} logits, "
             f"{timings['total']:.2f}s")

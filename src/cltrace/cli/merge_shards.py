@@ -15,7 +15,8 @@ def add_parser(sub, name: str) -> None:
 
 def run(args, ctx) -> int:
     from cltrace.errors import CltraceError
-    from cltrace.training.sharding import is_sharded_folder, merge_shards
+    from cltrace.transcoders.io import merge_shards
+    from cltrace.transcoders.sharded import is_sharded_folder
 
     if not is_sharded_folder(args.folder):
         raise CltraceError(f"{args.folder} holds no sharded transcoder (no shards.json): give the folder "

@@ -33,7 +33,6 @@ from cltrace.interventions.spec import Intervention
 from cltrace.models.adapter import ModelAdapter
 from cltrace.replacement.forward import frozen_forward
 from cltrace.replacement.local import LocalReplacement, build_replacement
-from cltrace.transcoders.circuit_tracer_format import input_point
 from cltrace.transcoders.transcoder import Transcoder
 
 
@@ -63,8 +62,7 @@ class Run:
 
 def encode(tc: Transcoder, x: Tensor, layer: int) -> tuple[Tensor, Tensor]:
     """Read point x [T, D] -> (pre [T, F], acts [T, F]) with inference-time activations and no BOS features."""
-    W = tc.W_enc[layer].detach()
-    pre = x.to(W.dtype) @ W + tc.b_enc[layer].detach()  # [T, F]
+    pre = tc.pre_acts(x.to(tc.W_enc.dtype), layer)  # [T, F]
     a = tc.activate(pre, layer, training=False)
     return pre, torch.cat([torch.zeros_like(a[:1]), a[1:]])
 
@@ -107,10 +105,9 @@ class DecoderWrites:
         cols = changed.nonzero().squeeze(1)  # [n]
         if len(cols) == 0:
             return
-        W = self.tc.W_dec[layer].detach()[cols]  # [n, n_out, D]
-        contrib = torch.einsum("tn,nod->otd", delta[:, cols], W)  # [n_out, T, D]
+        contrib = self.tc.decode_source(layer, delta, features=cols)  # [T, n_out, D]
         for i, t in enumerate(self.tc.target_layers(layer)):
-            self.pending[t] = self.pending[t] + contrib[i] if t in self.pending else contrib[i]
+            self.pending[t] = self.pending[t] + contrib[:, i] if t in self.pending else contrib[:, i]
 
     def take(self, layer: int) -> Tensor | None:
         return self.pending.pop(layer, None)
@@ -141,7 +138,7 @@ def run_constrained(
     W_skip = tc.W_skip.detach() if tc.W_skip is not None else None
 
     def mlp(layer: int, resid_mid: Tensor, mlp_in: Tensor) -> Tensor:
-        x = (resid_mid if rep.point == "resid_mid" else mlp_in)[0]  # [T, D] live read point
+        x = tc.select_input(resid_mid, mlp_in)[0]  # [T, D] live read point
         pre, a_live = encode(tc, x, layer)  # [T, F]
         a0 = clean.acts[layer]
         if layer in held:
@@ -210,7 +207,7 @@ def run_free(model: ModelAdapter, tc: Transcoder, ids: Tensor, interventions: li
     writes = DecoderWrites(tc)
     pres: list[Tensor] = []
     acts: list[Tensor] = []
-    with _live_resid_mid(model, input_point(tc)) as resid_mid:
+    with _live_resid_mid(model, tc.cfg.reads) as resid_mid:
 
         def hook(layer: int, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
             x = resid_mid.get(layer, mlp_in)[0]

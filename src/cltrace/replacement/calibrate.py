@@ -19,16 +19,16 @@ from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
 @torch.no_grad()
 def random_transcoder(
     model: ModelAdapter, kind: str = "clt", n_features: int = 256, active_per_layer: int = 20, seed: int = 0,
-    ids: Tensor | None = None, prompt: str | None = None, skip: bool = False, input_hook: str = "mlp_in",
+    ids: Tensor | None = None, prompt: str | None = None, skip: bool = False, reads: str = "mlp_in",
 ) -> Transcoder:
     """A random CLT/PLT for `model` with about `active_per_layer` active (pos, feature) pairs per layer.
 
     ids / prompt: what to calibrate on (positions ≥ 1, since BOS features are dropped by attribution).
-    input_hook: "mlp_in" (cltrace's read point) or "resid_mid" (circuit-tracer's CLT read point).
+    reads: "mlp_in" (cltrace's read point) or "resid_mid" (circuit-tracer's CLT read point).
     """
     L, D, F = model.n_layers, model.d_model, n_features
     cfg = TranscoderConfig(kind=kind, n_layers=L, d_model=D, n_features=F, activation="jumprelu", skip=skip,
-                           model_name=model.name, extra={"input_hook": input_hook, "random_seed": seed})
+                           model_name=model.name, reads=reads, extra={"random_seed": seed})
     tc = Transcoder(cfg, device=model.device, init=False).eval()
     g = torch.Generator().manual_seed(seed)
 
@@ -52,7 +52,7 @@ def random_transcoder(
 def calibrate_thresholds(tc: Transcoder, model: ModelAdapter, ids: Tensor, active_per_layer: int) -> Tensor:
     """Set each layer's threshold so that ≈ `active_per_layer` pre-activations exceed it; returns θ [L]."""
     trace = model.forward(ids)
-    reads = trace.resid_mid if tc.cfg.extra.get("input_hook", "mlp_in") == "resid_mid" else trace.mlp_in
+    reads = tc.select_input(trace.resid_mid, trace.mlp_in)
     thetas = []
     for layer in range(tc.n_layers):
         pre = tc.pre_acts(reads[layer][0, 1:].to(tc.W_enc.dtype), layer).flatten()

@@ -20,7 +20,6 @@ from torch import Tensor
 
 from cltrace.models.adapter import Frozen, ModelAdapter
 from cltrace.replacement.forward import frozen_forward
-from cltrace.transcoders.circuit_tracer_format import input_point
 from cltrace.transcoders.io import check_fits
 from cltrace.transcoders.transcoder import Transcoder
 
@@ -52,7 +51,6 @@ class LocalReplacement:
     model: ModelAdapter
     tc: Transcoder
     ids: Tensor  # [T]
-    point: str  # transcoder read point: "mlp_in" or "resid_mid"
     frozen: Frozen  # patterns [1,H,T,T] and norm scales [1,T,1] of the reference pass
     embed: Tensor  # [T, D] token (+ position) embeddings: the token nodes' output vectors
     inputs: Tensor  # [L, T, D] transcoder inputs of the reference pass
@@ -70,17 +68,15 @@ class LocalReplacement:
     def forward(self, last_only: bool = False) -> Tensor:
         """Run the replacement model itself (features re-encoded from its own stream) -> logits [T, V]
         (or [1, V] for the last position only: the unembedding is the costly part for big vocabularies)."""
-        tc, acts = self.tc, []
+        tc = self.tc
+        writes = torch.zeros_like(self.inputs, dtype=tc.b_dec.dtype)  # [L, T, D] decoder sums per target layer
 
         def mlp(layer: int, resid_mid: Tensor, mlp_in: Tensor) -> Tensor:
-            x = (resid_mid if self.point == "resid_mid" else mlp_in)[0].to(tc.W_enc.dtype)  # [T, D]
+            x = tc.select_input(resid_mid, mlp_in)[0].to(tc.W_enc.dtype)  # [T, D]
             a = tc.activate(tc.pre_acts(x, layer), layer, training=False)  # [T, F]
             a[0] = 0
-            acts.append(a)
-            out = tc.b_dec[layer].expand_as(x).clone()
-            for s in _sources(tc, layer):
-                rows, feats = acts[s].nonzero(as_tuple=True)
-                out.index_add_(0, rows, acts[s][rows, feats, None] * tc.W_dec[s][feats, layer - s])
+            writes[tc.target_layers(layer)] += tc.decode_source(layer, a).transpose(0, 1)
+            out = writes[layer] + tc.b_dec[layer]
             if tc.W_skip is not None:
                 out = out + x @ tc.W_skip[layer]
             out = out.to(self.error.dtype) + self.error[layer]
@@ -90,11 +86,6 @@ class LocalReplacement:
         fp = frozen_forward(self.model, self.embed[None], self.frozen, mlp)
         final = fp.final_normed[0, -1:] if last_only else fp.final_normed[0]
         return self.model.unembed(final)
-
-
-def _sources(tc: Transcoder, layer: int) -> range:
-    """Source layers whose features write to `layer`."""
-    return range(layer + 1) if tc.cfg.kind == "clt" else range(layer, layer + 1)
 
 
 @torch.no_grad()
@@ -114,14 +105,16 @@ def encode_features(tc: Transcoder, inputs: Tensor) -> ActiveFeatures:
 
 @torch.no_grad()
 def reconstruct(tc: Transcoder, feats: ActiveFeatures, inputs: Tensor) -> Tensor:
-    """Sparse decode of the active features (+ b_dec, + skip) -> [L, T, D]."""
+    """Decode of the active features (+ b_dec, + skip) -> [L, T, D], summed as `LocalReplacement.forward` sums
+    (source layer by source layer, `Transcoder.decode_source`), so that re-running the replacement model
+    reproduces these outputs bit for bit."""
     L, T, D = inputs.shape
-    out = tc.b_dec[:, None, :].expand(L, T, D).clone()
+    writes = torch.zeros(L, T, D, dtype=tc.b_dec.dtype, device=inputs.device)
     for s, sl in enumerate(feats.layer_slices(L)):
-        pos, idx, a = feats.pos[sl], feats.index[sl], feats.act[sl]
-        vecs = tc.W_dec[s][idx] * a[:, None, None]  # [n, n_out, D]
-        for j in range(tc.n_out(s)):
-            out[s + j].index_add_(0, pos, vecs[:, j])
+        a = torch.zeros(T, tc.n_features, dtype=tc.W_enc.dtype, device=inputs.device)  # [T, F]
+        a[feats.pos[sl], feats.index[sl]] = feats.act[sl]
+        writes[tc.target_layers(s)] += tc.decode_source(s, a).transpose(0, 1)
+    out = writes + tc.b_dec[:, None, :]
     if tc.W_skip is not None:
         out = out + skip_term(tc, inputs)
     return out
@@ -137,8 +130,7 @@ def build_replacement(model: ModelAdapter, tc: Transcoder, ids: Tensor) -> Local
     """One reference pass of `model` on ids [T] -> the local replacement model of that prompt."""
     check_fits(tc, model)
     trace = model.forward(ids, compute_logits=False)
-    point = input_point(tc)
-    reads = trace.resid_mid if point == "resid_mid" else trace.mlp_in
+    reads = tc.select_input(trace.resid_mid, trace.mlp_in)
     inputs = torch.stack([r[0] for r in reads])  # [L, T, D]
     mlp_out = torch.stack([m[0] for m in trace.mlp_out])  # [L, T, D]
     feats = encode_features(tc, inputs)
@@ -147,7 +139,7 @@ def build_replacement(model: ModelAdapter, tc: Transcoder, ids: Tensor) -> Local
     error[:, 0] = 0
     skip = skip_term(tc, inputs).to(mlp_out.dtype) if tc.W_skip is not None else None
     return LocalReplacement(
-        model=model, tc=tc, ids=ids, point=point, frozen=trace.frozen.detach(), embed=trace.embed[0],
+        model=model, tc=tc, ids=ids, frozen=trace.frozen.detach(), embed=trace.embed[0],
         inputs=inputs, mlp_out=mlp_out, skip=skip, error=error, features=feats,
         last_logits=model.unembed(trace.final_normed[0, -1]),
     )

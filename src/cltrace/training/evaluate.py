@@ -17,22 +17,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cltrace.errors import CltraceError
 from cltrace.transcoders.transcoder import Transcoder
-
-
-def _contribution(tc: Transcoder, s: int, a: Tensor) -> Tensor:
-    """a [N, F] features of layer s -> [N, n_out(s), D], decoding only the active ones."""
-    N, Fn = a.shape
-    W = tc.W_dec[s].reshape(Fn, -1)  # [F, n_out·D]
-    rows, feats = a.nonzero(as_tuple=True)
-    counts = torch.bincount(rows, minlength=N)
-    out = F.embedding_bag(feats, W, torch.cumsum(counts, 0) - counts, mode="sum",
-                          per_sample_weights=a[rows, feats].to(W.dtype))
-    return out.view(N, tc.n_out(s), tc.d_model)
 
 
 class _Splice:
@@ -56,7 +44,7 @@ class _Splice:
         if self.pending is None:
             self.pending = xf.new_zeros(B * T, tc.n_layers, D)
         n = tc.n_out(layer)
-        self.pending[:, layer:layer + n] += _contribution(tc, layer, a)
+        self.pending[:, layer:layer + n] += tc.decode_source(layer, a)  # [N, n_out, D]
         recon = self.pending[:, layer] + tc.b_dec[layer]
         if tc.W_skip is not None:
             recon = recon + xf @ tc.W_skip[layer]

@@ -20,7 +20,7 @@ class FeatureStats:
 
     @torch.no_grad()
     def update(self, fwd, decay: float = 0.9) -> Tensor:
-        """fwd: the step's `sharding.Forward` (its listing of active entries, or its activations [N, L, F]);
+        """fwd: the step's `TrainForward` (its listing of active entries, or its activations [N, L, F]);
         returns [L] mean L0 of this batch."""
         n_tokens = fwd.pre.shape[0]
         if fwd.listing is not None:

@@ -3,80 +3,32 @@
 Rank j of n owns features [lo_j, hi_j) of every layer (contiguous, lo_j = j·F // n): their encoder columns
 W_enc[:, :, lo:hi], b_enc and thresholds [:, lo:hi] and decoder rows W_dec[s][lo:hi]. The shard is an
 ordinary `Transcoder` with n_features = hi − lo, so every method of the module (pre_acts, activate,
-decode_partial) works on it unchanged; the few things that see all features are here:
+decode_features, train_forward) works on it unchanged; the few things that see all features are here:
 
     pre_j   = x @ W_enc_j + b_enc_j                       [N, L, F_j]   local
     a_j     = σ(pre_j)                                    local for JumpReLU/ReLU; TopK/BatchTopK need a
                                                           global k-th value (`sharded_activate`)
-    ŷ       = Σ_j decode_partial(a_j) + b_dec (+ skip)    one all-reduce [N, L, D] per step; b_dec once
+    ŷ       = Σ_j decode_features(a_j) + b_dec (+ skip)    one all-reduce [N, L, D] per step; b_dec once
     penalty = Σ_j Σ_{f ∈ j} ...                           one scalar all-reduce
 
 Shared parameters (b_dec, W_skip) are replicated on the shards; every shard computes the same loss from
 the same ŷ, so their gradients agree without any reduction.
 
-Checkpoints: a folder with the global config.json, shards.json and one shard-JJJJJ-of-NNNNN.safetensors per
-feature shard (shared parameters in shard 0 only). `merge_shards` writes the single-file format of
-`cltrace.transcoders.io`; `load_sharded` reads the shards directly.
+The sharded folder format (save, load, merge) is `cltrace.transcoders.sharded`.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import math
-import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from cltrace.errors import CltraceError
 from cltrace.training.distributed import Dist
-from cltrace.training.sparse import (
-    Listing,
-    decode_listed,
-    decode_mask,
-    decode_partial,
-    finish_decode,
-    listed_pre_acts,
-    should_decode_sparse,
-)
-from cltrace.transcoders.activations import batch_topk_mask
-from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
+from cltrace.transcoders.sharded import global_config, shard_bounds, shard_config
+from cltrace.transcoders.transcoder import TrainForward, Transcoder, TranscoderConfig
 
-SHARDS = "shards.json"
 FEATURE_PARAMS = ("W_enc", "b_enc", "log_threshold")  # sliced on their last dim; W_dec[s] on its first
-SHARED_PARAMS = ("b_dec", "W_skip")
-
-
-def shard_bounds(n_features: int, n_shards: int) -> list[tuple[int, int]]:
-    """[(lo, hi)] per shard: contiguous, sizes differ by at most one."""
-    if not 1 <= n_shards <= n_features:
-        raise CltraceError(f"cannot split {n_features} features into {n_shards} shards")
-    cuts = [j * n_features // n_shards for j in range(n_shards + 1)]
-    return list(zip(cuts[:-1], cuts[1:]))
-
-
-def shard_config(cfg: TranscoderConfig, shard: int, n_shards: int) -> TranscoderConfig:
-    """The config of shard `shard`: n_features = its slice; the global shape is kept in extra."""
-    lo, hi = shard_bounds(cfg.n_features, n_shards)[shard]
-    local = copy.deepcopy(cfg)
-    local.n_features = hi - lo
-    local.extra = {**cfg.extra, "shard": {"index": shard, "of": n_shards, "lo": lo, "hi": hi,
-                                          "n_features": cfg.n_features}}
-    return local
-
-
-def global_config(local: TranscoderConfig) -> TranscoderConfig:
-    """Inverse of shard_config."""
-    info = local.extra.get("shard")
-    if info is None:
-        return local
-    cfg = copy.deepcopy(local)
-    cfg.n_features = info["n_features"]
-    cfg.extra = {k: v for k, v in local.extra.items() if k != "shard"}
-    return cfg
 
 
 # ---------------------------------------------------------------------- making shards
@@ -175,159 +127,13 @@ def make_transcoder(cfg: TranscoderConfig, d: Dist, *, seed: int = 0, device=Non
     return init_shard(cfg, d.fp_rank, d.fp_size, seed=seed, device=device, dtype=dtype)
 
 
-@dataclass
-class Forward:
-    """One training forward: pre-activations of this shard's features, the whole reconstruction, and on the
-    sparse TopK/BatchTopK path the active entries with their values (the trainer's statistics read those
-    instead of scanning [N, L, F] again; the dense activations are then built only if asked for)."""
-
-    pre: Tensor  # [N, L, F_j]
-    recon: Tensor  # [N, L, D]
-    listing: Listing | None = None
-    vals: Tensor | None = None  # [nnz] the listed activations (detached)
-    dense_acts: Tensor | None = None  # [N, L, F_j] (the dense path's activations)
-
-    @property
-    def acts(self) -> Tensor:
-        """[N, L, F_j] activations of this shard's features."""
-        if self.dense_acts is None:
-            self.dense_acts = self.listing.scatter(self.vals, self.pre)
-        return self.dense_acts
-
-
-def sharded_active_mask(tc: Transcoder, pre: Tensor, d: Dist) -> Tensor:
-    """bool [N, L, F_j]: the entries TopK/BatchTopK keep in training, without building the activations."""
-    if d.fp_size == 1 and tc.cfg.activation == "batchtopk":
-        return batch_topk_mask(pre, tc.cfg.k)
-    return sharded_activate(tc, pre, d, training=True) != 0
-
-
-def sharded_forward(tc: Transcoder, x: Tensor, d: Dist, *, sparse: str = "auto") -> Forward:
-    """x [N, L, D] -> pre [N, L, F_j], acts [N, L, F_j], reconstruction [N, L, D] of the *whole* transcoder.
-
-    One all-reduce of the partial reconstruction; b_dec and the skip term are added after it (once).
-    TopK and BatchTopK, decoded sparsely, take the gradient of the encoder at their active entries only
-    (`listed_pre_acts`): pre and acts then come back without autograd history.
-    """
-    if tc.cfg.activation in ("topk", "batchtopk") and torch.is_grad_enabled():
-        density = tc.cfg.k / global_config(tc.cfg).n_features  # known in advance: k per token and layer
-        if should_decode_sparse(density, x.device, sparse):
-            with torch.no_grad():
-                pre = tc.pre_acts(x)
-                listing = Listing.of(sharded_active_mask(tc, pre, d))
-            vals = listed_pre_acts(tc, x, pre, listing)  # [nnz]: an active feature's activation is its pre-act
-            partial = decode_listed(tc, listing, vals)  # [N, L, D] this shard's features only
-            return Forward(pre, finish_decode(tc, d.sum_over_features(partial), x), listing, vals.detach())
-    pre = tc.pre_acts(x)
-    acts = sharded_activate(tc, pre, d)
-    mask = decode_mask(tc, acts, pre)
-    use_sparse = should_decode_sparse(mask.float().mean().item(), x.device, sparse)
-    partial = decode_partial(tc, acts, mask, sparse=use_sparse)  # [N, L, D] this shard's features only
-    return Forward(pre, finish_decode(tc, d.sum_over_features(partial), x), dense_acts=acts)
-
-
-# ---------------------------------------------------------------------- checkpoints
-def shard_file(shard: int, n_shards: int) -> str:
-    return f"shard-{shard:05d}-of-{n_shards:05d}.safetensors"
-
-
-def save_shard(tc: Transcoder, folder: str | Path, *, metadata: dict | None = None) -> Path:
-    """Write this rank's shard atomically (temp file + os.replace); shard 0 also writes the configs."""
-    from safetensors.torch import save_file
-
-    info = tc.cfg.extra.get("shard") or {"index": 0, "of": 1, "lo": 0, "hi": tc.n_features,
-                                         "n_features": tc.n_features}
-    j, n = info["index"], info["of"]
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {"W_enc": tc.W_enc, "b_enc": tc.b_enc, "log_threshold": tc.log_threshold,
-               **{f"W_dec_{s}": w for s, w in enumerate(tc.W_dec)}}
-    if j == 0:
-        tensors["b_dec"] = tc.b_dec
-        if tc.W_skip is not None:
-            tensors["W_skip"] = tc.W_skip
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = {"format": "cltrace-transcoder-shard", "index": str(j), "of": str(n), "lo": str(info["lo"]),
-            "hi": str(info["hi"])}
-    meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    path = folder / shard_file(j, n)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    if j == 0:
-        _write_json(folder / "config.json", global_config(tc.cfg).to_dict())
-        _write_json(folder / SHARDS, {"format": "cltrace-sharded-transcoder", "n_shards": n,
-                                      "bounds": shard_bounds(info["n_features"], n)})
-    return path
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def is_sharded_folder(folder: str | Path) -> bool:
-    return (Path(folder) / SHARDS).exists()
-
-
-def _read_index(folder: Path) -> tuple[TranscoderConfig, int, list[tuple[int, int]]]:
-    try:
-        cfg = TranscoderConfig(**json.loads((folder / "config.json").read_text()))
-        index = json.loads((folder / SHARDS).read_text())
-        n, bounds = int(index["n_shards"]), [tuple(b) for b in index["bounds"]]
-    except (OSError, json.JSONDecodeError, TypeError, KeyError) as e:
-        raise CltraceError(f"{folder} is not a readable sharded transcoder ({e})") from e
-    missing = [shard_file(j, n) for j in range(n) if not (folder / shard_file(j, n)).exists()]
-    if missing:
-        raise CltraceError(f"{folder}: shard files {missing} are missing (was training interrupted before the "
-                           "first checkpoint finished on every rank?)")
-    return cfg, n, bounds
-
-
-def load_shard(folder: str | Path, shard: int, *, device="cpu", dtype=torch.float32) -> Transcoder:
-    """One rank's shard (resuming with the same number of feature shards)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    cfg, n, _ = _read_index(folder)
-    state = load_file(str(folder / shard_file(shard, n)))
-    if shard != 0:  # shared parameters live in shard 0
-        shared = load_file(str(folder / shard_file(0, n)))
-        state.update({k: shared[k] for k in SHARED_PARAMS if k in shared})
-    return Transcoder.from_state_dict(shard_config(cfg, shard, n), {_param_name(k): v for k, v in state.items()},
-                                      device=device, dtype=dtype)
-
-
-def load_sharded(folder: str | Path, *, device="cpu", dtype=torch.float32) -> Transcoder:
-    """All shards of a folder, concatenated into the full transcoder."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    cfg, n, bounds = _read_index(folder)
-    parts = [load_file(str(folder / shard_file(j, n))) for j in range(n)]
-    state = {
-        "W_enc": torch.cat([p["W_enc"] for p in parts], dim=-1),
-        "b_enc": torch.cat([p["b_enc"] for p in parts], dim=-1),
-        "log_threshold": torch.cat([p["log_threshold"] for p in parts], dim=-1),
-        **{f"W_dec.{s}": torch.cat([p[f"W_dec_{s}"] for p in parts], dim=0) for s in range(cfg.n_layers)},
-        **{k: parts[0][k] for k in SHARED_PARAMS if k in parts[0]},
-    }
-    if state["W_enc"].shape[-1] != cfg.n_features or bounds[-1][1] != cfg.n_features:
-        raise CltraceError(f"{folder}: shards hold {state['W_enc'].shape[-1]} features, config says "
-                           f"{cfg.n_features}")
-    try:
-        return Transcoder.from_state_dict(cfg, state, device=device, dtype=dtype)
-    except RuntimeError as e:
-        raise CltraceError(f"{folder}: shards do not fit the config ({e})") from e
-
-
-def merge_shards(folder: str | Path, out: str | Path) -> Path:
-    """Sharded folder -> the single-file folder `load_transcoder` and attribution read."""
-    from cltrace.transcoders.io import save_transcoder
-
-    return save_transcoder(load_sharded(folder), out)
-
-
-def _param_name(key: str) -> str:
-    return f"W_dec.{key[6:]}" if key.startswith("W_dec_") else key
+def sharded_forward(tc: Transcoder, x: Tensor, d: Dist, *, sparse: str = "auto") -> TrainForward:
+    """x [N, L, D] -> `Transcoder.train_forward` of this shard's features, reconstruction of the *whole*
+    transcoder: one all-reduce of the partial reconstruction, b_dec and the skip term added after it (once)."""
+    if d.fp_size == 1:
+        return tc.train_forward(x, sparse=sparse)
+    return tc.train_forward(
+        x, sparse=sparse, activate=lambda pre: sharded_activate(tc, pre, d),
+        active_mask=lambda pre: sharded_activate(tc, pre, d, training=True) != 0,
+        sum_features=d.sum_over_features, density=tc.cfg.k / global_config(tc.cfg).n_features,
+    )

@@ -37,7 +37,6 @@ from cltrace.training.losses import (
 from cltrace.training.metrics import FeatureStats, MetricsLog, plot_curves
 from cltrace.training.optim import AdamW
 from cltrace.training.schedule import lr_factor, sparsity_factor
-from cltrace.training.sparse import decode_from_pre, decode_partial
 from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -232,7 +231,8 @@ class Trainer:
             if d.reduce_over_features(dead.any().float(), "max") > 0:  # every shard takes the same branch
                 aux = sharded_auxk_acts(pre, dead, cfg.auxk_k or 2 * cfg.k, d)  # [N, L, F]
                 # on the listed path pre has no history: the encoder's gradient goes through a listing too
-                aux_part = decode_partial(tc, aux) if fwd.listing is None else decode_from_pre(tc, x, pre, aux != 0)
+                aux_part = (tc.decode_features(aux, sparse=True) if fwd.listing is None
+                            else tc.decode_from_pre(x, pre, aux != 0)[0])
                 aux_recon = d.sum_over_features(aux_part)  # [N, L, D] no bias
                 terms["auxk"] = cfg.auxk * auxk_loss(aux_recon, (y - recon).detach(), self.y_var)
         loss = sum(terms.values())
@@ -372,7 +372,7 @@ class Trainer:
             "final_nmse": (last or {}).get("nmse"), "final_l0": (last or {}).get("l0"), **cfg.extra,
         }}
         if self.dist.fp_size > 1 and self.dist.writes_shard:  # shard files + shards.json: merge-shards joins them
-            from cltrace.training.sharding import save_shard
+            from cltrace.transcoders.sharded import save_shard
 
             save_shard(tc, self.out)
         if self.dist.is_main:

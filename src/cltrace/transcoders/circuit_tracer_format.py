@@ -11,7 +11,7 @@ circuit-tracer (Hanna, Piotrowski et al.) stores weights transposed relative to 
 Their activation is JumpReLU a = x·[x > θ] with θ stored raw (ours: θ = exp(log_threshold)), or ReLU when
 no threshold is stored. Their PLT skip is x @ W_skipᵀ (ours: x @ W_skip). The read point is named by
 `feature_input_hook`: `hook_resid_mid` is the residual stream before the MLP norm, `ln2.hook_normalized` /
-`mlp.hook_in` the normalized MLP input. We keep it in `cfg.extra["input_hook"]` ("resid_mid" | "mlp_in") so
+`mlp.hook_in` the normalized MLP input. We keep it in `cfg.reads` ("resid_mid" | "mlp_in") so
 the replacement model reads where the transcoder was trained to read.
 """
 
@@ -30,11 +30,6 @@ from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
 INPUT_HOOKS = {"hook_resid_mid": "resid_mid", "ln2.hook_normalized": "mlp_in", "mlp.hook_in": "mlp_in"}
 OUTPUT_HOOKS = {"hook_mlp_out": "mlp_out", "mlp.hook_out": "mlp_out"}
 EXPORT_INPUT_HOOK = {"resid_mid": "hook_resid_mid", "mlp_in": "mlp.hook_in"}
-
-
-def input_point(tc: Transcoder) -> str:
-    """Where `tc` reads the model: "mlp_in" (normalized MLP input, cltrace's default) or "resid_mid"."""
-    return tc.cfg.extra.get("input_hook", "mlp_in")
 
 
 def load_circuit_tracer(folder: str | Path, *, device="cpu", dtype=torch.float32) -> Transcoder:
@@ -72,7 +67,7 @@ def load_circuit_tracer(folder: str | Path, *, device="cpu", dtype=torch.float32
         kind="plt" if kind == "transcoder_set" else "clt", n_layers=L, d_model=D, n_features=F,
         activation="jumprelu" if params.pop("has_threshold") else "relu", skip="W_skip" in params,
         model_name=str(cfg.get("model_name", "")),
-        extra={"input_hook": INPUT_HOOKS[in_hook], "source": "circuit-tracer", "scan": str(cfg.get("scan", folder))},
+        reads=INPUT_HOOKS[in_hook], extra={"source": "circuit-tracer", "scan": str(cfg.get("scan", folder))},
     )
     state = {k: v for k, v in params.items() if not k.startswith("W_dec")}
     state.update({f"W_dec.{s}": w for s, w in enumerate(params["W_dec"])})
@@ -166,7 +161,7 @@ def export_circuit_tracer(tc: Transcoder, folder: str | Path, model_name: str = 
             save_file({f"W_dec_{i}": c(tc.W_dec[i])}, str(folder / f"W_dec_{i}.safetensors"))
     config = {
         "model_kind": "transcoder_set" if tc.cfg.kind == "plt" else "cross_layer_transcoder",
-        "feature_input_hook": EXPORT_INPUT_HOOK[input_point(tc)],
+        "feature_input_hook": EXPORT_INPUT_HOOK[tc.cfg.reads],
         "feature_output_hook": "hook_mlp_out",
         "model_name": model_name or tc.cfg.model_name,
         "scan": tc.cfg.extra.get("scan", f"cltrace-{tc.cfg.kind}-{tc.n_features}"),

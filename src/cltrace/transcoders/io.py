@@ -1,7 +1,9 @@
-"""Saving and loading transcoders: `config.json` + `transcoder.safetensors` in one folder (no pickle).
+"""Saving and loading transcoders. `load_transcoder` is the one loader: it reads every format (no pickle).
 
-`load_transcoder` also reads circuit-tracer folders (a `config.yaml` beside per-layer files), see
-`cltrace.transcoders.circuit_tracer_format`.
+    cltrace folder           config.json + transcoder.safetensors            (this module; `save_transcoder`)
+    feature-sharded folder   config.json + shards.json + shard-*.safetensors  (`transcoders.sharded`)
+    training checkpoint      RUN/checkpoints/step-N/state.{json,safetensors}  (`transcoders.checkpoint`)
+    circuit-tracer folder    config.yaml + per-layer safetensors             (`transcoders.circuit_tracer_format`)
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from pathlib import Path
 import torch
 
 from cltrace.errors import CltraceError
+from cltrace.transcoders.checkpoint import is_checkpoint, transcoder_from_checkpoint
+from cltrace.transcoders.circuit_tracer_format import load_circuit_tracer
+from cltrace.transcoders.sharded import SHARDS, load_sharded
 from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
 
 CONFIG = "config.json"
@@ -53,17 +58,11 @@ def load_transcoder(folder: str | Path, *, device="cpu", dtype=torch.float32) ->
 def _load(folder: Path, *, device, dtype) -> Transcoder:
     if not folder.exists():
         raise CltraceError(f"no transcoder folder at {folder}: give a folder written by `cltrace train`")
-    from cltrace.training.checkpoint import is_checkpoint, transcoder_from_checkpoint
-
     if is_checkpoint(folder):
         return transcoder_from_checkpoint(folder, device=device, dtype=dtype)
-    if (folder / "shards.json").exists() and not (folder / WEIGHTS).exists():  # feature-sharded training output
-        from cltrace.training.sharding import load_sharded
-
+    if (folder / SHARDS).exists() and not (folder / WEIGHTS).exists():  # feature-sharded training output
         return load_sharded(folder, device=device, dtype=dtype)
     if not (folder / CONFIG).exists() and (folder / "config.yaml").exists():
-        from cltrace.transcoders.circuit_tracer_format import load_circuit_tracer
-
         return load_circuit_tracer(folder, device=device, dtype=dtype)
     if not (folder / CONFIG).exists() or not (folder / WEIGHTS).exists():
         raise CltraceError(
@@ -73,7 +72,7 @@ def _load(folder: Path, *, device, dtype) -> Transcoder:
     from safetensors.torch import load_file
 
     try:
-        cfg = TranscoderConfig(**json.loads((folder / CONFIG).read_text()))
+        cfg = TranscoderConfig.from_dict(json.loads((folder / CONFIG).read_text()))
         state = load_file(str(folder / WEIGHTS))
     except (json.JSONDecodeError, TypeError, SafetensorError, OSError) as e:
         raise CltraceError(f"{folder} is corrupt or not a cltrace transcoder ({e}); retrain or re-export it") from e
@@ -86,6 +85,11 @@ def _load(folder: Path, *, device, dtype) -> Transcoder:
         if tuple(state[name].shape) != tuple(p.shape):
             raise CltraceError(f"{folder}: {name} has shape {tuple(state[name].shape)}, config says {tuple(p.shape)}")
     return Transcoder.from_state_dict(cfg, state, device=device, dtype=dtype)
+
+
+def merge_shards(folder: str | Path, out: str | Path) -> Path:
+    """Feature-sharded folder -> the single-file folder (one file to copy, share or memory-map)."""
+    return save_transcoder(load_sharded(folder), out)
 
 
 def _param_name(key: str) -> str:

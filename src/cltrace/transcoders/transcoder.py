@@ -10,6 +10,19 @@ A feature of layer s reads that layer's MLP input and writes to MLP outputs:
 W_dec[s] is [F, n_out(s), D] with n_out(s) = L − s for a CLT and 1 for a PLT, so the decoder of source
 layer s into target layer t is W_dec[s][:, t − s]. The module always acts on raw model activations:
 training normalizes per layer by scalars and `fold_normalization` folds them into the weights.
+
+This module is the one place that encodes and decodes. Every caller (training, single-process and
+feature-sharded; evaluation's splice; the local replacement model; interventions; attribution) uses:
+
+    encode / pre_acts / activate       x -> pre-activations -> activations
+    decode(acts, x)                    [N, L, F] -> [N, L, D]: the whole reconstruction
+    decode_features(acts, mask)        the same without b_dec and skip (sharded training sums it first)
+    decode_source(s, a_s)              one source layer's writes [N, n_out(s), D] (layer-by-layer passes)
+    feature_writes(s, f, a)            a·W_dec[s][f] for listed features [n, n_out(s), D] (attribution)
+    train_forward(x)                   the training forward with exact sparse gradients
+
+Dense or sparse is chosen in one place, `sparse.should_decode_sparse`, by device, autocast dtype and density;
+the sparse kernels (tiled `embedding_bag` decode, listed encoder gradient) live in `transcoders/sparse.py`.
 """
 
 from __future__ import annotations
@@ -20,9 +33,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from cltrace.transcoders.activations import batch_topk, jumprelu, topk
+from cltrace.transcoders import sparse as sp
+from cltrace.transcoders.activations import batch_topk, batch_topk_mask, jumprelu, topk
+from cltrace.transcoders.sparse import Listing
 
 ACTIVATIONS = ("jumprelu", "topk", "batchtopk", "relu")
+READ_POINTS = ("mlp_in", "resid_mid")
 
 
 @dataclass
@@ -38,6 +54,9 @@ class TranscoderConfig:
     skip: bool = False  # add a linear skip term x @ W_skip (a "skip transcoder")
     bandwidth: float = 1.0  # JumpReLU straight-through kernel width (training only)
     model_name: str = ""  # the model it was trained on (checked when loading)
+    # where features read the model: "mlp_in", the normalized MLP input (cltrace's default), or "resid_mid",
+    # the residual stream before the MLP norm (circuit-tracer's CLTs)
+    reads: str = "mlp_in"
     extra: dict = field(default_factory=dict)  # free-form provenance (training run, scan id, ...)
 
     def validate(self) -> None:
@@ -49,6 +68,18 @@ class TranscoderConfig:
             raise ValueError(f"activation {self.activation} needs k > 0")
         if min(self.n_layers, self.d_model, self.n_features) <= 0:
             raise ValueError("n_layers, d_model and n_features must be positive")
+        if self.reads not in READ_POINTS:
+            raise ValueError(f"reads must be one of {READ_POINTS}, not {self.reads!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TranscoderConfig:
+        """From a saved config.json; files written before `reads` existed kept it in extra["input_hook"]."""
+        d = dict(d)
+        extra = dict(d.get("extra") or {})
+        if "reads" not in d and "input_hook" in extra:
+            d["reads"] = extra.pop("input_hook")
+        d["extra"] = extra
+        return cls(**d)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,7 +97,7 @@ class Transcoder(nn.Module):
         # JumpReLU / BatchTopK-at-inference threshold θ = exp(log_threshold), per feature
         self.log_threshold = nn.Parameter(torch.full((L, F), math.log(0.1), **kw))
         # W_dec[s]: [F, n_out(s), D], stored target-major ([n_out, F, D] in memory) so that each (source, target)
-        # tile W_dec[s][:, j] is one contiguous [F, D] block: the unit of the sparse decode (training/sparse.py)
+        # tile W_dec[s][:, j] is one contiguous [F, D] block: the unit of the sparse decode (transcoders/sparse.py)
         self.W_dec = nn.ParameterList(
             [nn.Parameter(torch.empty(self.n_out(s), F, D, **kw).transpose(0, 1)) for s in range(L)]
         )
@@ -96,6 +127,10 @@ class Transcoder(nn.Module):
     @property
     def d_model(self) -> int:
         return self.cfg.d_model
+
+    def select_input(self, resid_mid, mlp_in):
+        """Of a forward's two candidate read points, the one this transcoder reads (`cfg.reads`)."""
+        return resid_mid if self.cfg.reads == "resid_mid" else mlp_in
 
     def n_out(self, s: int) -> int:
         """How many output layers a feature of layer s writes to."""
@@ -145,35 +180,118 @@ class Transcoder(nn.Module):
         return self.activate(self.pre_acts(x, layer), layer)
 
     # ------------------------------------------------------------------ decode
-    def decode(self, acts: Tensor, x: Tensor | None = None, *, sparse: bool | None = None) -> Tensor:
+    def decode(self, acts: Tensor, x: Tensor | None = None, *, sparse: str | bool = "auto") -> Tensor:
         """acts [N, L, F] (and x [N, L, D] for the skip term) -> reconstruction [N, L, D].
 
-        Sparse decoding gathers only the decoder rows of active features: a CLT's dense decoder costs
-        O(L² F D) per token, the sparse one O(L · active · D).
+        A CLT's dense decode costs O(N · F · L² · D / 2), the sparse one O(N · L0 · L² · D / 2); `sparse`:
+        "auto" (see `sparse.should_decode_sparse`), True or False.
         """
-        N, L, F = acts.shape
-        if sparse is None:
-            sparse = (acts != 0).float().mean().item() < 0.05
-        out = self.b_dec.expand(N, L, self.cfg.d_model).clone()
-        for s in range(L):
-            a = acts[:, s]  # [N, F]
-            W = self.W_dec[s].reshape(F, -1)  # [F, n_out·D]
-            if sparse:
-                rows, feats = a.nonzero(as_tuple=True)
-                contrib = torch.zeros(N, W.shape[1], dtype=W.dtype, device=W.device)
-                contrib = contrib.index_add(0, rows, W[feats] * a[rows, feats, None])
-            else:
-                contrib = a @ W
-            n = self.n_out(s)
-            out[:, s : s + n] = out[:, s : s + n] + contrib.view(N, n, -1)
+        return self.add_bias_and_skip(self.decode_features(acts, sparse=sparse), x)
+
+    def decode_features(self, acts: Tensor, mask: Tensor | None = None, *, sparse: str | bool = "auto") -> Tensor:
+        """acts [N, L, F] -> Σ_s a_s W_dec[s] placed on target layers: [N, L, D], *without* b_dec and skip.
+
+        `mask` [N, L, F] lists the entries a sparse decode reads (default: the nonzero ones; `decode_mask` adds
+        the JumpReLU entries that carry a threshold gradient). Feature-sharded training sums this over the
+        shards before the bias is added once.
+        """
+        if mask is None:
+            mask = acts != 0
+        if sp.should_decode_sparse(mask.float().mean().item(), acts.device, sparse):
+            listing = Listing.of(mask)
+            return sp.decode_listed(self.W_dec, listing, listing.gather(acts).to(self.b_dec.dtype))
+        return sp.decode_dense(self.W_dec, acts, self.cfg.d_model)
+
+    def decode_listed(self, listing: Listing, vals: Tensor) -> Tensor:
+        """The listed activations vals [nnz] -> [N, L, D] without b_dec and skip (the tiled sparse decode)."""
+        return sp.decode_listed(self.W_dec, listing, vals)
+
+    def add_bias_and_skip(self, features_out: Tensor, x: Tensor | None) -> Tensor:
+        """[N, L, D] feature part of a reconstruction -> + b_dec (+ x_l @ W_skip[l] when x is given)."""
+        out = features_out + self.b_dec
         if self.W_skip is not None and x is not None:
-            out = out + torch.einsum("nld,lde->nle", x, self.W_skip)
+            out = out + torch.einsum("nld,lde->nle", x.to(self.W_skip.dtype), self.W_skip)
         return out
+
+    def decode_source(self, layer: int, a: Tensor, features: Tensor | None = None) -> Tensor:
+        """One source layer's writes: a [N, F] -> Σ_i a_i W_dec[layer][i]: [N, n_out(layer), D], no bias.
+
+        For passes that run layer by layer (evaluation's splice, the replacement model, interventions), where
+        layer s's features must be decoded before layer s+1 is encoded. `features` (a [n] index) decodes those
+        columns only, densely, keeping a gradient for each even where a is 0 (interventions); otherwise only
+        the nonzero entries are read (`embedding_bag`) when few are.
+        """
+        W = self.W_dec[layer]  # [F, n_out, D]
+        if features is not None:
+            return torch.einsum("nf,fod->nod", a[:, features].to(W.dtype), W[features])
+        if sp.should_decode_sparse((a != 0).float().mean().item(), a.device):
+            return sp.decode_rows(W, a)
+        return (a.to(W.dtype) @ W.reshape(W.shape[0], -1)).view(a.shape[0], *W.shape[1:])
+
+    def feature_writes(self, layer: int, features: Tensor, acts: Tensor) -> Tensor:
+        """What listed features write: a_i · W_dec[layer][f_i] for features [n], acts [n] -> [n, n_out, D]
+        (target layers layer .. layer+n_out−1). Attribution's source vectors."""
+        return self.W_dec[layer][features] * acts.to(self.W_dec[layer].dtype)[:, None, None]
+
+    def decode_mask(self, acts: Tensor, pre: Tensor | None) -> Tensor:
+        """[N, L, F] bool: the entries a sparse decode must list to be exact in value *and* gradient.
+
+        JumpReLU's threshold gets a straight-through gradient from features just below θ (inside the kernel
+        window), where a = 0 but ∂L/∂a = W_dec_i · ∂L/∂ŷ is not; those are listed too (weight 0 forward)."""
+        mask = acts != 0
+        if pre is not None and self.cfg.activation == "jumprelu" and torch.is_grad_enabled():
+            window = self.threshold - self.cfg.bandwidth / 2  # [L, F] lower edge of the STE kernel
+            mask = mask | (pre.detach() > window.detach())
+        return mask
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [N, L, D] -> (activations [N, L, F], reconstruction [N, L, D])."""
         acts = self.encode(x)
         return acts, self.decode(acts, x)
+
+    # ------------------------------------------------------------------ training forward
+    def train_forward(self, x: Tensor, *, sparse: str | bool = "auto", activate=None, active_mask=None,
+                      sum_features=None, density: float | None = None) -> TrainForward:
+        """The training forward: x [N, L, D] -> pre-activations, the reconstruction [N, L, D], and the active
+        entries; gradients flow to every parameter exactly as through `forward`.
+
+        TopK and BatchTopK, decoded sparsely, list the active entries from pre-activations computed without
+        autograd and take the encoder's gradient at those entries only (`sparse.listed_pre_acts`): no dense
+        [N, L, F] activation or gradient exists in the step. Other activations decode `decode_mask`'s entries.
+
+        Feature-sharded training passes the three things that see every shard (training/sharding.py):
+        `activate(pre)` and `active_mask(pre)` (a global k-th value for TopK/BatchTopK) and `sum_features`
+        (the all-reduce of the partial reconstruction), plus `density`, the fraction of all features active.
+        """
+        activate = activate or self.activate
+        sum_features = sum_features or (lambda t: t)
+        if self.cfg.activation in ("topk", "batchtopk") and torch.is_grad_enabled():
+            density = self.cfg.k / self.n_features if density is None else density  # known: k per token, layer
+            if sp.should_decode_sparse(density, x.device, sparse):
+                with torch.no_grad():
+                    pre = self.pre_acts(x)
+                    mask = active_mask(pre) if active_mask else self.train_active_mask(pre)
+                partial, listing, vals = self.decode_from_pre(x, pre, mask)  # [N, L, D] and the entries
+                return TrainForward(pre, self.add_bias_and_skip(sum_features(partial), x), listing, vals.detach())
+        pre = self.pre_acts(x)
+        acts = activate(pre)
+        mask = self.decode_mask(acts, pre)
+        partial = self.decode_features(acts, mask, sparse=sparse)
+        return TrainForward(pre, self.add_bias_and_skip(sum_features(partial), x), dense_acts=acts)
+
+    def decode_from_pre(self, x: Tensor, pre: Tensor, mask: Tensor) -> tuple[Tensor, Listing, Tensor]:
+        """TopK/BatchTopK/AuxK in training: pre [N, L, F] computed without autograd, mask [N, L, F] its active
+        entries -> (sparse decode [N, L, D] without bias, the listing, the listed activations [nnz]), with
+        gradients for the encoder through the listed entries only (an active entry's activation is its pre)."""
+        listing = Listing.of(mask)
+        vals = sp.listed_pre_acts(self.W_enc, self.b_enc, x, pre, listing)
+        return self.decode_listed(listing, vals), listing, vals
+
+    def train_active_mask(self, pre: Tensor) -> Tensor:
+        """bool [N, L, F]: the entries TopK/BatchTopK keep in training, without building the activations."""
+        if self.cfg.activation == "batchtopk":
+            return batch_topk_mask(pre, self.cfg.k)
+        return self.activate(pre, training=True) != 0
 
     # ------------------------------------------------------------------ per-feature views
     def decoder_vectors(self, layer: int, features: Tensor) -> Tensor:
@@ -198,3 +316,23 @@ class Transcoder(nn.Module):
         self.b_dec.mul_(y_scale[:, None])
         if self.W_skip is not None:
             self.W_skip.mul_((y_scale / x_scale)[:, None, None])
+
+
+@dataclass
+class TrainForward:
+    """One training forward: pre-activations, the whole reconstruction, and on the sparse TopK/BatchTopK path
+    the active entries with their values (the trainer's statistics read those instead of scanning [N, L, F]
+    again; the dense activations are then built only if asked for)."""
+
+    pre: Tensor  # [N, L, F]
+    recon: Tensor  # [N, L, D]
+    listing: Listing | None = None
+    vals: Tensor | None = None  # [nnz] the listed activations (detached)
+    dense_acts: Tensor | None = None  # [N, L, F] (the dense path's activations)
+
+    @property
+    def acts(self) -> Tensor:
+        """[N, L, F] activations."""
+        if self.dense_acts is None:
+            self.dense_acts = self.listing.scatter(self.vals, self.pre)
+        return self.dense_acts

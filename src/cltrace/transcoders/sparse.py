@@ -14,22 +14,12 @@ lists the features inside the window (weight 0 in the forward, exact gradient in
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from cltrace.transcoders.transcoder import Transcoder
-
-
-def decode_mask(tc: Transcoder, acts: Tensor, pre: Tensor | None) -> Tensor:
-    """[N, L, F] bool: the features a decode must list to be exact in value and gradient."""
-    mask = acts != 0
-    if pre is not None and tc.cfg.activation == "jumprelu" and torch.is_grad_enabled():
-        window = tc.threshold - tc.cfg.bandwidth / 2  # [L, F] lower edge of the STE kernel
-        mask = mask | (pre.detach() > window.detach())
-    return mask
 
 
 class _PlaceOnLayers(torch.autograd.Function):
@@ -194,43 +184,32 @@ class _ListedPreActs(torch.autograd.Function):
         return None, None, None, gW.transpose(1, 2), gb  # [L, D, F] (autograd lays it out as W_enc, one copy)
 
 
-def decode_listed(tc: Transcoder, listing: Listing, vals: Tensor) -> Tensor:
+def decode_listed(W_dec: Sequence[Tensor], listing: Listing, vals: Tensor) -> Tensor:
     """The listed activations vals [nnz] -> Σ_s a_s W_dec[s] placed on target layers: [N, L, D], no bias."""
-    return _TiledSparseDecode.apply(listing, vals, *tc.W_dec)
+    return _TiledSparseDecode.apply(listing, vals, *W_dec)
 
 
-def listed_pre_acts(tc: Transcoder, x: Tensor, pre: Tensor, listing: Listing) -> Tensor:
+def listed_pre_acts(W_enc: Tensor, b_enc: Tensor, x: Tensor, pre: Tensor, listing: Listing) -> Tensor:
     """pre [N, L, F] computed without autograd -> its listed values [nnz], differentiable in W_enc and b_enc."""
-    return _ListedPreActs.apply(x, pre, listing, tc.W_enc, tc.b_enc)
+    return _ListedPreActs.apply(x, pre, listing, W_enc, b_enc)
 
 
-def decode_from_pre(tc: Transcoder, x: Tensor, pre: Tensor, mask: Tensor) -> Tensor:
-    """TopK/BatchTopK training: pre [N, L, F] computed without autograd, mask [N, L, F] its active entries ->
-    the sparse decode [N, L, D] (no bias), with gradients for the encoder through the listed entries only."""
-    listing = Listing.of(mask)
-    return decode_listed(tc, listing, listed_pre_acts(tc, x, pre, listing))
+def decode_dense(W_dec: Sequence[Tensor], acts: Tensor, d_model: int) -> Tensor:
+    """acts [N, L, F] -> Σ_s a_s W_dec[s] placed on target layers: [N, L, D], no bias; one matmul per source."""
+    Fn = acts.shape[2]
+    contribs = [acts[:, s].to(W.dtype) @ W.reshape(Fn, -1) for s, W in enumerate(W_dec)]  # [N, n_out·D]
+    return _PlaceOnLayers.apply(len(W_dec), d_model, *contribs)
 
 
-def decode_partial(tc: Transcoder, acts: Tensor, mask: Tensor | None = None, *, sparse: bool = True) -> Tensor:
-    """acts [N, L, F] -> Σ_s a_s W_dec[s] placed on target layers: [N, L, D], *without* b_dec and skip.
+def decode_rows(W: Tensor, a: Tensor) -> Tensor:
+    """One source layer: a [N, F] (mostly zeros) -> Σ_i a_i W[i] per row, W [F, n_out, D] -> [N, n_out, D].
 
-    Returning the feature part alone lets feature-sharded training all-reduce it across ranks before the
-    bias is added once. `mask` [N, L, F] lists the features to decode (default: the nonzero ones).
-    """
-    N, L, Fn = acts.shape
-    if sparse:
-        listing = Listing.of((acts != 0) if mask is None else mask)
-        return decode_listed(tc, listing, listing.gather(acts).to(tc.b_dec.dtype))
-    contribs = [acts[:, s].to(tc.W_dec[s].dtype) @ tc.W_dec[s].reshape(Fn, -1) for s in range(L)]  # [N, n·D]
-    return _PlaceOnLayers.apply(L, tc.d_model, *contribs)
-
-
-def finish_decode(tc: Transcoder, partial: Tensor, x: Tensor | None) -> Tensor:
-    """Add b_dec and the skip term to a (reduced) feature reconstruction: [N, L, D]."""
-    out = partial + tc.b_dec
-    if tc.W_skip is not None and x is not None:
-        out = out + torch.einsum("nld,lde->nle", x, tc.W_skip)
-    return out
+    `embedding_bag` sums the active rows without materializing the [nnz, n_out·D] gathered copy."""
+    N, Fn = a.shape
+    rows, feats = a.nonzero(as_tuple=True)  # sorted by row
+    out = F.embedding_bag(feats, W.reshape(Fn, -1), _bag_offsets(rows, N), mode="sum",
+                          per_sample_weights=a[rows, feats].to(W.dtype))
+    return out.view(N, *W.shape[1:])
 
 
 def should_decode_sparse(density: float, device: torch.device, setting: str = "auto",
