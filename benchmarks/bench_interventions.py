@@ -56,7 +56,7 @@ def run(args) -> list[dict]:
         tok = int(graph.logit_tokens[0])
         with torch.no_grad():
             clean = clean_run(model, tc, graph.input_ids)
-            iv = [Intervention(layer, f, 0.0, pos)]
+            iv = [Intervention(layer=layer, pos=pos, feature=f, value=0.0)]
             runs = {"held": run_constrained(model, tc, clean, iv, held=set(range(model.n_layers))),
                     "constrained": run_constrained(model, tc, clean, iv),
                     "free": run_free(model, tc, clean.ids, iv)}

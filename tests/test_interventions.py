@@ -52,7 +52,9 @@ def test_noop_reproduces_logits_exactly(family, kind, skip):
     with torch.no_grad():
         clean = clean_run(model, tc, model.tokenize(PROMPT))
         f, p, a = active_feature(clean, 1)
-        noop = [Intervention(1, f, a, p), Intervention(2, 5, 1.0, None, "scale"), Intervention(0, 3, 1.0, 2, "scale")]
+        noop = [Intervention(layer=1, pos=p, feature=f, value=a),
+                Intervention(layer=2, pos=None, feature=5, value=1.0, op="scale"),
+                Intervention(layer=0, pos=2, feature=3, value=1.0, op="scale")]
         ref = clean.last_logits
         assert torch.equal(run_constrained(model, tc, clean, noop).last_logits, ref)
         assert torch.equal(run_constrained(model, tc, clean, noop, held={0, 1, 2}).last_logits, ref)
@@ -70,10 +72,11 @@ def test_all_layers_held_is_linear_and_matches_direct_patch(family):
     with torch.no_grad():
         clean = clean_run(model, tc, model.tokenize(PROMPT))
         f, p, a = active_feature(clean, 0)
-        watch = [(2, 7, p), (3, 1, clean.ids.numel() - 1), (1, 0, p), (0, 1, p)]
+        watch = [(2, p, 7), (3, clean.ids.numel() - 1, 1), (1, p, 0), (0, p, 1)]
         tok = int(clean.last_logits.argmax())
         delta = 1.7
-        run = run_constrained(model, tc, clean, [Intervention(0, f, a + delta, p)], held=set(range(L)))
+        run = run_constrained(model, tc, clean, [Intervention(layer=0, pos=p, feature=f, value=a + delta)],
+                              held=set(range(L)))
         # the same thing written directly: clean MLP outputs plus delta · decoder, frozen attention and norms
         W = tc.W_dec[0][f].detach()  # [n_out, D]
         outs = clean.rep.mlp_out
@@ -84,8 +87,8 @@ def test_all_layers_held_is_linear_and_matches_direct_patch(family):
             return o
 
         direct = model.forward(clean.ids, frozen=clean.rep.frozen, mlp_hook=patch)
-    d_logit, d_pre = first_order(model, tc, clean, 0, f, p, logit=tok, watch=watch, held=set(range(L)))
-    for (wl, wf, wp), g in zip(watch, d_pre):
+    d_logit, d_pre = first_order(model, tc, clean, 0, p, f, logit=tok, watch=watch, held=set(range(L)))
+    for (wl, wp, wf), g in zip(watch, d_pre):
         expect_pre = (direct.mlp_in[wl][0, wp] @ tc.W_enc[wl, :, wf] + tc.b_enc[wl, wf]).detach()
         measured = float(run.pre[wl][wp, wf] - clean.pre[wl][wp, wf])
         assert math.isclose(float(run.pre[wl][wp, wf]), float(expect_pre), rel_tol=1e-4, abs_tol=1e-5)
@@ -105,18 +108,18 @@ def test_first_order_matches_small_constrained_change(llama):
         clean = clean_run(model, tc, model.tokenize(PROMPT))
     f, p, a = active_feature(clean, 0)
     tok = int(clean.last_logits.argmax())
-    watch = [(3, f2, clean.ids.numel() - 1) for f2 in range(4)]
-    d_logit, d_pre = first_order(model, tc, clean, 0, f, p, logit=tok, watch=watch)
+    watch = [(3, clean.ids.numel() - 1, f2) for f2 in range(4)]
+    d_logit, d_pre = first_order(model, tc, clean, 0, p, f, logit=tok, watch=watch)
     # frozen attention and norms: the replacement model is exactly linear while no feature crosses its threshold
     for eps in (0.2 * a, 0.02 * a, 0.002 * a):
         with torch.no_grad():
-            run = run_constrained(model, tc, clean, [Intervention(0, f, a + eps, p)])
+            run = run_constrained(model, tc, clean, [Intervention(layer=0, pos=p, feature=f, value=a + eps)])
         if all(torch.equal(r != 0, c != 0) for r, c in zip(run.acts[1:], clean.acts[1:])):
             break
     measured = float(run.last_logits[tok] - clean.last_logits[tok])
     assert abs(d_logit) > 1e-3
     assert math.isclose(measured, d_logit * eps, rel_tol=2e-2, abs_tol=1e-6)
-    for (wl, wf, wp), g in zip(watch, d_pre):
+    for (wl, wp, wf), g in zip(watch, d_pre):
         m = float(run.pre[wl][wp, wf] - clean.pre[wl][wp, wf])
         assert math.isclose(m, g * eps, rel_tol=2e-2, abs_tol=1e-6)
 
@@ -132,7 +135,8 @@ def test_free_equals_decoder_patch_of_mlp_outputs(family, pos):
         f = int(clean.acts[s].sum(0).argmax())
         a = clean.acts[s][:, f]  # [T] current activation (upstream of layer s nothing changed)
         g = (f + 1) % tc.n_features  # a second feature, scaled at every position
-        ivs = [Intervention(s, f, 3.0, pos), Intervention(s, g, 0.5, None, "scale")]
+        ivs = [Intervention(layer=s, pos=pos, feature=f, value=3.0),
+                Intervention(layer=s, pos=None, feature=g, value=0.5, op="scale")]
         run = run_free(model, tc, clean.ids, ivs)
         d_f = (3.0 - a) if pos is None else torch.zeros_like(a).index_fill(0, torch.tensor([pos]), 3.0 - a[pos])
         d_f[0] = 0  # BOS carries no features: "every position" means positions 1..T-1
@@ -156,25 +160,26 @@ def test_free_equals_decoder_patch_of_mlp_outputs(family, pos):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_generation_noop_equals_plain(llama, mode, temperature):
     model, tc = llama
-    noop = [Intervention(1, 3, 1.0, None, "scale"), Intervention(2, 0, 1.0, 3, "scale")]
+    noop = [Intervention(layer=1, pos=None, feature=3, value=1.0, op="scale"),
+            Intervention(layer=2, pos=3, feature=0, value=1.0, op="scale")]
     out = intervene_generate(model, tc, PROMPT, noop, n_tokens=6, mode=mode, temperature=temperature, seed=3)
-    assert out["steered_ids"] == out["original_ids"] and len(out["original_ids"]) >= 3
+    assert out.steered_ids == out.original_ids and len(out.original_ids) >= 3
     if temperature == 0.0:  # the original continuation is the HF model's own greedy generation
         ids = model.tokenize(PROMPT)
         hf = model.hf.generate(ids[None], max_new_tokens=6, do_sample=False, pad_token_id=258)
-        assert hf[0, ids.numel():].tolist() == out["original_ids"]
+        assert hf[0, ids.numel():].tolist() == out.original_ids
 
 
 def test_generation_steering_and_every_position_semantics(llama):
     model, tc = llama
-    big = [Intervention(2, 1, 40.0)]  # every position, generated tokens included
+    big = [Intervention(layer=2, pos=None, feature=1, value=40.0)]  # every position, generated tokens included
     out = intervene_generate(model, tc, PROMPT, big, n_tokens=5, mode="free")
-    assert out["steered_ids"] != out["original_ids"]
+    assert out.steered_ids != out.original_ids
     ids = model.tokenize(PROMPT)
-    steered = torch.cat([ids, torch.tensor(out["steered_ids"])])
+    steered = torch.cat([ids, torch.tensor(out.steered_ids)])
     with torch.no_grad():  # the last steered token is what the intervened model predicts after the others
         logits = run_free(model, tc, steered[:-1], big).last_logits
-    assert int(logits.argmax()) == out["steered_ids"][-1]
+    assert int(logits.argmax()) == out.steered_ids[-1]
 
 
 # ---------------------------------------------------------------------- API output
@@ -187,17 +192,17 @@ def test_intervene_api_is_jsonable_and_reports_changes(llama):
     f, p, a = active_feature(clean, 1)
     for mode in ("constrained", "free"):
         out = intervene(model, tc, PROMPT, [f"1:{f}@{p}=0"], mode=mode, n_watch=4, top=3)
-        json.dumps(out)
-        assert len(out["logits_before"]) == 3 and {"token", "id", "prob", "logit"} <= set(out["logits_before"][0])
-        assert out["interventions"][0]["positions"][0]["act_before"] == pytest.approx(a)
-        assert out["interventions"][0]["positions"][0]["act_after"] == 0.0
-        assert len(out["features"]) == 4 and all(r["layer"] > 1 and r["pos"] >= p for r in out["features"])
-        assert out["logits_before"][0]["prob"] == pytest.approx(
+        assert json.loads(out.to_json()) == out.to_dict()
+        assert len(out.logits_before) == 3 and {"token", "id", "prob", "logit"} <= set(out.logits_before[0])
+        assert out.interventions[0]["positions"][0]["act_before"] == pytest.approx(a)
+        assert out.interventions[0]["positions"][0]["act_after"] == 0.0
+        assert len(out.features) == 4 and all(r["layer"] > 1 and r["pos"] >= p for r in out.features)
+        assert out.logits_before[0]["prob"] == pytest.approx(
             float(torch.softmax(clean.last_logits, -1).max()))
     held = intervene(model, tc, PROMPT, [f"1:{f}@{p}=0"], constrained_layers="all", watch=["3:0@-1"])
-    assert held["constrained_layers"] == [0, 1, 2, 3] and held["features"][0]["pos"] == clean.ids.numel() - 1
+    assert held.constrained_layers == [0, 1, 2, 3] and held.features[0]["pos"] == clean.ids.numel() - 1
     # held layers keep their clean activations, only the pre-activation moves
-    assert held["features"][0]["act_after"] == held["features"][0]["act_before"]
+    assert held.features[0]["act_after"] == held.features[0]["act_before"]
 
 
 # ---------------------------------------------------------------------- (e) bad input
@@ -279,17 +284,18 @@ def test_graph_edges_predict_constrained_interventions(family):
     # every layer held: the frozen model is linear, so edge / a × Δa holds for any Δa
     for delta in (-a, 2.5):
         with torch.no_grad():
-            run = run_constrained(model, tc, clean, [Intervention(layer, f, a + delta, pos)],
+            run = run_constrained(model, tc, clean, [Intervention(layer=layer, pos=pos, feature=f, value=a + delta)],
                                   held=set(range(model.n_layers)))
         torch.testing.assert_close(measured_effects(graph, clean, run), direct * delta, rtol=1e-3, atol=1e-4 * scale)
     # all layers responding: the linearized model follows every path of the graph
     with torch.no_grad():
-        lin = run_constrained(model, tc, clean, [Intervention(layer, f, a + 1.0, pos)], linear=True)
+        lin = run_constrained(model, tc, clean, [Intervention(layer=layer, pos=pos, feature=f, value=a + 1.0)],
+                              linear=True)
     torch.testing.assert_close(measured_effects(graph, clean, lin), total, rtol=1e-3, atol=1e-4 * scale)
     # ... and so does the real constrained model, for a change small enough to flip no feature
     eps = 1e-2 * a
     with torch.no_grad():
-        run = run_constrained(model, tc, clean, [Intervention(layer, f, a + eps, pos)])
+        run = run_constrained(model, tc, clean, [Intervention(layer=layer, pos=pos, feature=f, value=a + eps)])
     assert all(torch.equal(r != 0, c != 0) for r, c in zip(run.acts, clean.acts))
     torch.testing.assert_close(measured_effects(graph, clean, run), total * eps, rtol=2e-2, atol=2e-4 * scale * eps)
     # and autograd through the engine agrees with the graph for the top logit
@@ -297,8 +303,8 @@ def test_graph_edges_predict_constrained_interventions(family):
     tok = int(graph.logit_tokens[0])
     demean = torch.full((V,), -1.0 / V)
     demean[tok] += 1.0
-    d_direct, _ = first_order(model, tc, clean, layer, f, pos, logit=demean, held=set(range(model.n_layers)))
-    d_total, _ = first_order(model, tc, clean, layer, f, pos, logit=demean)
+    d_direct, _ = first_order(model, tc, clean, layer, pos, f, logit=demean, held=set(range(model.n_layers)))
+    d_total, _ = first_order(model, tc, clean, layer, pos, f, logit=demean)
     nf = graph.n_features
     assert d_direct == pytest.approx(float(direct[nf]), rel=1e-3, abs=1e-4 * scale)
     assert d_total == pytest.approx(float(total[nf]), rel=1e-3, abs=1e-4 * scale)

@@ -1,14 +1,46 @@
 """cltrace: circuit tracing for language models (Ameisen et al. 2025).
 
-Pipeline: models -> data -> transcoders -> training -> replacement -> attribution -> interventions.
+The whole loop from one import; the pipeline's packages mirror it (models -> data -> transcoders -> training
+-> replacement -> attribution -> interventions):
+
+    import cltrace
+    model = cltrace.load_model("gemma-3-270m")                              # a ModelAdapter
+    tc = cltrace.train(cltrace.TrainConfig(kind="clt", features_per_layer=2048, tokens=2_000_000,
+                                           out="runs/clt"), model=model)    # or cltrace.load_transcoder(DIR)
+    print(cltrace.evaluate(model, tc))                                      # NMSE, L0, dead, CE increase, ...
+    graph = cltrace.attribute(model, tc, "Fact: Michael Jordan plays the sport of")
+    pruned = cltrace.prune(graph, node_threshold=0.8, edge_threshold=0.98)
+    replacement, completeness = cltrace.scores(graph, pruned)
+    graph.save("graph.safetensors")                                         # cltrace.Graph.load(path)
+    result = cltrace.intervene(model, tc, graph.prompt, [cltrace.Intervention(layer=3, pos=8, feature=12, value=0)])
+    print(result.to_json())
+
+Features are indexed (layer, pos, feature) everywhere: graph.features rows, Intervention / FeatureRef fields,
+node lookups and JSON; the command line writes the same feature as LAYER:FEATURE@POS.
+Importing cltrace changes no process-wide state (environment, malloc, warning filters).
 """
 
-import os
-
-# PyTorch's CPU allocator backs large allocations with transparent huge pages when this is set (it reads it at
-# its first allocation). A CLT training step allocates [N, L, F] temporaries of hundreds of MB; faulting them in
-# 4 KB pages took ~0.5 s of a 4.8 s step on a 2-core CPU (a fresh 300 MB zeros: 67 ms, with huge pages 16 ms).
-# THP_MEM_ALLOC_ENABLE=0 in the environment opts out.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from cltrace.attribution import Graph, PruneResult, attribute, prune, scores
+from cltrace.errors import CltraceError, SettingError
+from cltrace.interventions import (
+    FeatureRef,
+    GenerationResult,
+    Intervention,
+    InterventionResult,
+    intervene,
+    intervene_generate,
+)
+from cltrace.models import DEFAULT_MODEL, ModelAdapter, list_models, load_model
+from cltrace.replacement import LocalReplacement, build_replacement
+from cltrace.training import TrainConfig, evaluate, train
+from cltrace.transcoders import Transcoder, TranscoderConfig, load_transcoder, save_transcoder
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL", "CltraceError", "FeatureRef", "GenerationResult", "Graph", "Intervention",
+    "InterventionResult", "LocalReplacement", "ModelAdapter", "PruneResult", "SettingError", "TrainConfig",
+    "Transcoder", "TranscoderConfig", "attribute", "build_replacement", "evaluate", "intervene",
+    "intervene_generate", "list_models", "load_model", "load_transcoder", "prune", "save_transcoder", "scores",
+    "train",
+]

@@ -2,7 +2,6 @@
 
 from cltrace.attribution.engine import attribute
 from cltrace.attribution.graph import Graph
+from cltrace.attribution.prune import PruneResult, prune, scores
 
-trace = attribute  # `cltrace.attribution.trace(model, transcoders, prompt, ...) -> Graph`
-
-__all__ = ["Graph", "attribute", "trace"]
+__all__ = ["Graph", "PruneResult", "attribute", "prune", "scores"]

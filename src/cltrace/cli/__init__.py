@@ -13,7 +13,7 @@ import os
 import sys
 
 from cltrace import __version__
-from cltrace.errors import CltraceError
+from cltrace.errors import CltraceError, SettingError
 
 # subcommand name -> module in cltrace.cli (imported only when listed, so `--help` stays fast)
 SUBCOMMANDS = {
@@ -74,6 +74,11 @@ class Context:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cltrace.runtime import tune_cpu_memory
+
+    # a CLI process is one job: huge pages and malloc that keeps freed blocks (cltrace.runtime; each can be
+    # turned off from the environment); set before the first tensor is allocated
+    tune_cpu_memory()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -83,12 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         _quiet_libraries()
-    from cltrace.runtime import keep_freed_memory
-
-    keep_freed_memory()  # a CLI process is one job: keep its large temporaries' memory for reuse
     try:
         ctx = Context(args)
         return int(args.run(args, ctx) or 0)
+    except SettingError as e:  # the library names settings; the command line names the flags that set them
+        flags = ", ".join(f"--{s.replace('_', '-')}" for s in e.settings)
+        print(f"cltrace: error: {e}" + (f" (options: {flags})" if flags else ""), file=sys.stderr)
+        return 2
     except CltraceError as e:
         print(f"cltrace: error: {e}", file=sys.stderr)
         return 2

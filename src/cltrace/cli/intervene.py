@@ -49,10 +49,10 @@ def interventions_from_args(args) -> list:
 
     ivs = [parse_intervention(s, "set") for s in args.set] + [parse_intervention(s, "scale") for s in args.scale]
     for s in args.zero:
-        layer, feature, pos, value = parse_feature(s, what="--zero")
+        layer, pos, feature, value = parse_feature(s, what="--zero")
         if value is not None:
             raise CltraceError(f"--zero {s!r} takes no value: write LAYER:FEATURE[@POS]")
-        ivs.append(Intervention(layer, feature, 0.0, pos, "set"))
+        ivs.append(Intervention(layer=layer, pos=pos, feature=feature, value=0.0, op="set"))
     for s in args.node:
         node, _, value = s.partition("=")
         if node == "top":
@@ -87,11 +87,11 @@ def run(args, ctx) -> int:
     model = load_model(args.model, device=ctx.device, dtype=ctx.dtype)
     tc = load_transcoder(args.transcoders, device=ctx.device, dtype=ctx.dtype)
     out = intervene(model, tc, args.prompt, ivs, mode=args.mode, constrained_layers=args.constrained_layers,
-                    watch=args.watch or None, n_watch=args.n_watch, top=args.top, graph=args.graph)
+                    watch=args.watch or None, n_watch=args.n_watch, top=args.top, graph=args.graph).to_dict()
     if args.generate:
         out["generation"] = intervene_generate(
             model, tc, out["prompt"], ivs, n_tokens=args.generate, mode=args.mode,
-            constrained_layers=args.constrained_layers, temperature=args.temperature, seed=args.seed)
+            constrained_layers=args.constrained_layers, temperature=args.temperature, seed=args.seed).to_dict()
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
         return 0
@@ -116,7 +116,7 @@ def format_report(out: dict) -> str:
     lines.append(f"\n  top token {t['token']!r}: logit {t['logit_before']:.3f} -> {t['logit_after']:.3f}, "
                  f"prob {t['prob_before']:.4f} -> {t['prob_after']:.4f}")
     if out["features"]:
-        graph = "graph" in out
+        graph = out.get("graph") is not None
         lines.append("\n  feature            token          act before -> after   (pre-activation)"
                      + ("   Δpre graph-predicted (direct)" if graph else ""))
         for f in out["features"]:
@@ -124,7 +124,7 @@ def format_report(out: dict) -> str:
             lines.append(f"  {f['layer']:>3}:{f['feature']:<7}@{f['pos']:<4} {f['token']!r:<14} "
                          f"{f['act_before']:9.4f} -> {f['act_after']:<9.4f} ({f['pre_before']:.4f} -> "
                          f"{f['pre_after']:.4f})" + (f"   {pred:+.4f}" if pred is not None else ""))
-    if "graph" in out:
+    if out.get("graph") is not None:
         lines.append("\n  logit − mean logit   measured Δ   graph-predicted Δ (direct effects only)")
         for r in out["graph"]["logit_changes"]:
             m = "n/a" if r["measured"] is None else f"{r['measured']:+.4f}"

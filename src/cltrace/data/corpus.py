@@ -29,6 +29,7 @@ from pathlib import Path
 from cltrace.data.sources import SOURCES, Fetched, Source, documents, fetch, sha256_file
 from cltrace.data.text import split_document
 from cltrace.errors import CltraceError
+from cltrace.models.registry import cache_root
 
 DOC_CHARS = 8000  # documents are cut at paragraph boundaries to at most about this many characters
 CHARS_PER_TOKEN = 4.0  # rough, for English with a ~250k-entry BPE vocabulary; used only for sizes in docs
@@ -53,8 +54,6 @@ def repo_corpus_dir() -> Path:
 
 
 def corpus_cache_dir() -> Path:
-    from cltrace.models.registry import cache_root
-
     return cache_root() / "corpus"
 
 

@@ -5,11 +5,12 @@
 sampling.
 """
 
-from cltrace.interventions.api import intervene, intervene_generate
+from cltrace.interventions.api import GenerationResult, InterventionResult, intervene, intervene_generate
 from cltrace.interventions.engine import Clean, Run, clean_run, first_order, run_constrained, run_free
 from cltrace.interventions.spec import FeatureRef, Intervention, parse_intervention
 
 __all__ = [
-    "Clean", "FeatureRef", "Intervention", "Run", "clean_run", "first_order", "intervene",
+    "Clean", "FeatureRef", "GenerationResult", "Intervention", "InterventionResult", "Run", "clean_run",
+    "first_order", "intervene",
     "intervene_generate", "parse_intervention", "run_constrained", "run_free",
 ]

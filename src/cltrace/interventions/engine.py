@@ -241,7 +241,7 @@ def run_mode(
 
 
 def first_order(
-    model: ModelAdapter, tc: Transcoder, clean: Clean, layer: int, feature: int, pos: int, *,
+    model: ModelAdapter, tc: Transcoder, clean: Clean, layer: int, pos: int, feature: int, *,
     logit: int | Tensor, watch: list[tuple[int, int, int]] = (), held: set[int] | frozenset[int] = frozenset(),
 ) -> tuple[float, list[float]]:
     """d logit / d a and d pre[watch] / d a for one feature activation a, in the linear frozen model.
@@ -249,14 +249,15 @@ def first_order(
     logit: a token id, or a direction [V] over the last position's logits (e.g. one-hot − 1/V: the logit
     minus the mean logit, what a graph's logit node holds). With every layer held this is the direct
     effect (an attribution edge divided by a); otherwise active features of responding layers pass changes
-    on linearly. watch: (layer, feature, pos). Multiply by Δa to predict the effect of a small change.
+    on linearly. watch: (layer, pos, feature) triples. Multiply by Δa to predict the effect of a small change.
     """
     value = clean.acts[layer][pos, feature].detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        run = run_constrained(model, tc, clean, [Intervention(layer, feature, value, pos)], held=held, linear=True)
+        run = run_constrained(model, tc, clean, [Intervention(layer=layer, pos=pos, feature=feature, value=value)],
+                              held=held, linear=True)
         last = run.last_logits
         target = last[logit] if isinstance(logit, int) else last.float() @ logit.float()
-        outs = [target] + [run.pre[wl][wp, wf] for wl, wf, wp in watch]
+        outs = [target] + [run.pre[wl][wp, wf] for wl, wp, wf in watch]
         grads = [torch.autograd.grad(o, value, retain_graph=True, allow_unused=True)[0] if o.requires_grad
                  else None for o in outs]
     vals = [0.0 if g is None else float(g) for g in grads]

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from cltrace.attribution.graph import Graph
+from cltrace.attribution.prune import prune
 from cltrace.errors import CltraceError
 from cltrace.interventions.spec import FeatureRef
 
@@ -27,8 +28,8 @@ def load_graph(graph: Graph | str, ids: Tensor) -> Graph:
 
 
 def node_index(graph: Graph) -> dict[tuple[int, int, int], int]:
-    """(layer, feature, pos) -> feature node index."""
-    return {(layer, f, pos): i for i, (layer, pos, f) in enumerate(graph.features.tolist())}
+    """(layer, pos, feature) -> feature node index."""
+    return {(layer, pos, f): i for i, (layer, pos, f) in enumerate(graph.features.tolist())}
 
 
 def graph_watch(graph: Graph, exclude: set[tuple[int, int, int]], n: int, after: tuple[int, int] = (-1, 0)
@@ -37,23 +38,21 @@ def graph_watch(graph: Graph, exclude: set[tuple[int, int, int]], n: int, after:
 
     after (layer, pos): only nodes an intervention there can reach (a later layer, the same or a later pos).
     """
-    from cltrace.attribution.prune import prune
-
     pr = prune(graph)
     nf = graph.n_features
     order = pr.cumulative_scores[:nf].argsort()  # lower cumulative score = more influential
     out = []
     for i in order.tolist():
         layer, pos, f = graph.features[i].tolist()
-        if pr.node_mask[i] and (layer, f, pos) not in exclude and layer > after[0] and pos >= after[1]:
-            out.append(FeatureRef(layer, f, pos))
+        if pr.node_mask[i] and (layer, pos, f) not in exclude and layer > after[0] and pos >= after[1]:
+            out.append(FeatureRef(layer=layer, pos=pos, feature=f))
         if len(out) == n:
             break
     return out
 
 
 def direct_prediction(graph: Graph, changes: dict[tuple[int, int, int], float]) -> Tensor:
-    """changes {(layer, feature, pos): Δa} at graph feature nodes -> predicted Δ of every row [R]."""
+    """changes {(layer, pos, feature): Δa} at graph feature nodes -> predicted Δ of every row [R]."""
     index = node_index(graph)
     pred = torch.zeros(graph.edges.shape[0], dtype=torch.float64)
     for key, d in changes.items():

@@ -19,37 +19,38 @@ _SPEC = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*(?:@\s*(-?\d+)\s*)?(?:=\s*(\S+)
 _NODE = re.compile(r"^\s*(\d+)_(\d+)_(\d+)\s*(?:=\s*(\S+)\s*)?$")  # a graph's feature node id "L_F_P"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Intervention:
     """Change one transcoder feature: `set` its activation to `value`, or `scale` it by `value`.
 
-    pos None means every position but 0 (BOS has no features), including tokens generated later; an int
-    is one prompt position (≥ 1).
-    `value` may be a 0-dim tensor that requires grad: the engine then differentiates through it.
+    Keyword-only, in the (layer, pos, feature) order used for features everywhere (graphs, node ids, JSON):
+    `Intervention(layer=3, pos=8, feature=1205, value=0.0)`. pos None means every position but 0 (BOS has
+    no features), including tokens generated later; an int is one prompt position (≥ 1, or negative from the
+    end). `value` may be a 0-dim tensor that requires grad: the engine then differentiates through it.
     """
 
     layer: int
+    pos: int | None = None
     feature: int
     value: float | Tensor
-    pos: int | None = None
-    op: str = "set"
+    op: str = "set"  # "set" or "scale"
 
     def to_dict(self) -> dict:
-        return {"layer": self.layer, "feature": self.feature, "pos": self.pos, "op": self.op,
+        return {"layer": self.layer, "pos": self.pos, "feature": self.feature, "op": self.op,
                 "value": float(self.value)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FeatureRef:
-    """A feature to watch: (layer, feature) at one position, or at every position when pos is None."""
+    """A feature to watch: (layer, pos, feature), at every position when pos is None."""
 
     layer: int
-    feature: int
     pos: int | None = None
+    feature: int
 
 
-def parse_feature(text: str, *, what: str = "feature") -> tuple[int, int, int | None, str | None]:
-    """'L:F[@P][=V]', or a graph node id 'L_F_P[=V]' -> (layer, feature, pos or None, value text or None)."""
+def parse_feature(text: str, *, what: str = "feature") -> tuple[int, int | None, int, str | None]:
+    """'L:F[@P][=V]', or a graph node id 'L_F_P[=V]' -> (layer, pos or None, feature, value text or None)."""
     m = _SPEC.match(text) or _NODE.match(text)
     if not m:
         hint = " (only feature nodes can be changed)" if re.search(r"_err_|^E_", text) else ""
@@ -58,20 +59,19 @@ def parse_feature(text: str, *, what: str = "feature") -> tuple[int, int, int | 
             "or a graph's feature node id LAYER_FEATURE_POS=VALUE"
         )
     layer, feature, pos, value = m.groups()
-    return int(layer), int(feature), None if pos is None else int(pos), value
+    return int(layer), None if pos is None else int(pos), int(feature), value
 
 
 def parse_intervention(text: str, op: str = "set") -> Intervention:
-    """'3:1205@8=0' -> Intervention(layer=3, feature=1205, pos=8, value=0.0, op=op)."""
-    flag = "--set" if op == "set" else "--scale"
-    layer, feature, pos, value = parse_feature(text, what=flag)
+    """'3:1205@8=0' -> Intervention(layer=3, pos=8, feature=1205, value=0.0, op=op)."""
+    layer, pos, feature, value = parse_feature(text, what=f"{op} intervention")
     if value is None:
-        raise CltraceError(f"{flag} {text!r} has no value: add =VALUE, e.g. {text}=0")
+        raise CltraceError(f"{op} intervention {text!r} has no value: add =VALUE, e.g. {text}=0")
     try:
         v = float(value)
     except ValueError:
-        raise CltraceError(f"{flag} {text!r}: {value!r} is not a number") from None
-    return Intervention(layer, feature, v, pos, op)
+        raise CltraceError(f"{op} intervention {text!r}: {value!r} is not a number") from None
+    return Intervention(layer=layer, pos=pos, feature=feature, value=v, op=op)
 
 
 def parse_layers(text: str | None, n_layers: int) -> list[int]:
@@ -95,7 +95,7 @@ def parse_layers(text: str | None, n_layers: int) -> list[int]:
     return list(range(lo, hi))
 
 
-def check_feature(layer: int, feature: int, pos: int | None, n_layers: int, n_features: int,
+def check_feature(layer: int, pos: int | None, feature: int, n_layers: int, n_features: int,
                   n_pos: int, label: str) -> int | None:
     """Raise for a layer, feature or position that does not exist; return pos made non-negative."""
     if not 0 <= layer < n_layers:
@@ -124,14 +124,14 @@ def validate(interventions: list[Intervention], tc, n_pos: int) -> list[Interven
             raise CltraceError(f"{label}: unknown operation {iv.op!r}, use one of {', '.join(OPS)}")
         if not math.isfinite(float(iv.value)):
             raise CltraceError(f"{label}: value {float(iv.value)} is not a finite number")
-        pos = check_feature(iv.layer, iv.feature, iv.pos, tc.n_layers, tc.n_features, n_pos, label)
+        pos = check_feature(iv.layer, iv.pos, iv.feature, tc.n_layers, tc.n_features, n_pos, label)
         out.append(replace(iv, pos=pos))
     return out
 
 
 def validate_refs(refs: list[FeatureRef], tc, n_pos: int) -> list[FeatureRef]:
     return [
-        replace(r, pos=check_feature(r.layer, r.feature, r.pos, tc.n_layers, tc.n_features, n_pos,
+        replace(r, pos=check_feature(r.layer, r.pos, r.feature, tc.n_layers, tc.n_features, n_pos,
                                      f"watch {r.layer}:{r.feature}"))
         for r in refs
     ]

@@ -11,7 +11,7 @@ from cltrace.errors import CltraceError
 def predict(model, prompt: str, top: int = 10) -> list[dict]:
     """Top next tokens after `prompt`: [{"token", "id", "prob"}], most likely first."""
     if top < 1:
-        raise CltraceError("--top must be at least 1")
+        raise CltraceError("top must be at least 1")
     ids = model.tokenize(prompt)
     probs = torch.softmax(model.logits(ids)[0, -1].float(), dim=-1)
     values, indices = probs.topk(min(top, probs.numel()))

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from cltrace.errors import CltraceError
+from cltrace.models.adapter import ModelAdapter
 
 DEFAULT_MODEL = "gemma-3-270m"
 
@@ -181,8 +182,6 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32):
     """Load any model spec as a `ModelAdapter` (eval mode, no gradients on its weights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from cltrace.models.adapter import ModelAdapter
 
     name, where, gguf = resolve(spec)
     kwargs = {"gguf_file": gguf} if gguf else {}

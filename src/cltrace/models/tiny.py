@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from cltrace.models.adapter import ModelAdapter
+
 FAMILY_NAMES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
 
 
@@ -92,8 +94,6 @@ def tiny_hf_model(family: str, seed: int = 0, dtype=torch.float32, **kw):
 
 def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32, **kw):
     """A `ModelAdapter` over a tiny random model of `family` with the byte tokenizer."""
-    from cltrace.models.adapter import ModelAdapter
-
     return ModelAdapter(tiny_hf_model(family, seed, dtype, **kw), byte_tokenizer(), f"tiny-{family}")
 
 

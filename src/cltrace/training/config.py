@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from cltrace.errors import CltraceError
+from cltrace.errors import CltraceError, SettingError
 
 CONFIG_FILE = "train_config.yaml"
 
@@ -83,7 +83,8 @@ class TrainConfig:
         if self.activation not in ("jumprelu", "topk", "batchtopk", "relu"):
             bad(f"activation must be jumprelu, topk, batchtopk or relu, not {self.activation!r}")
         if self.activation in ("topk", "batchtopk") and self.k <= 0:
-            bad(f"--activation {self.activation} needs --k > 0 (active features per token and layer)")
+            raise SettingError(f"bad training config: activation {self.activation} needs k > 0 (active features "
+                               "per token and layer)", ("activation", "k"))
         if self.features_per_layer <= 0 or self.tokens <= 0 or self.batch_size <= 0:
             bad("features_per_layer, tokens and batch_size must be positive")
         if self.tokens < self.batch_size:
@@ -153,7 +154,7 @@ def parse_assignments(items: list[str]) -> dict:
     out = {}
     for item in items:
         if "=" not in item:
-            raise CltraceError(f"--set takes name=value, not {item!r}")
+            raise CltraceError(f"a setting is written name=value, not {item!r}")
         k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     return out

@@ -33,7 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cltrace.errors import CltraceError
+from cltrace.errors import CltraceError, SettingError
+from cltrace.runtime import resolve_device
+from cltrace.training.checkpoint import checkpoint_root, latest_checkpoint
 
 ERROR_KEY = "cltrace/first_error"  # where the first failing rank leaves its message in the c10d store
 
@@ -302,8 +304,6 @@ def init_distributed(feature_shards: int = 1, device: str | torch.device = "auto
     timeout_s bounds every collective, so a rank whose peer died does not wait forever (default: the
     CLTRACE_DIST_TIMEOUT environment variable, else 1800 s: rank 0 writing a large checkpoint must fit).
     """
-    from cltrace.runtime import resolve_device
-
     if timeout_s is None:
         timeout_s = float(os.environ.get("CLTRACE_DIST_TIMEOUT", 1800))
 
@@ -311,11 +311,11 @@ def init_distributed(feature_shards: int = 1, device: str | torch.device = "auto
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     if world == 1:
         if feature_shards != 1:
-            raise CltraceError(f"--feature-shards {feature_shards} needs as many processes: launch with "
-                               f"`torchrun --nproc_per_node {feature_shards} -m cltrace train ...`")
+            raise SettingError(f"feature_shards={feature_shards} needs as many processes: launch with "
+                               f"`torchrun --nproc_per_node {feature_shards} ...`", ("feature_shards",))
         return Dist(device=dev)
     if feature_shards < 1 or world % feature_shards:
-        raise CltraceError(f"--feature-shards {feature_shards} must divide the world size {world}")
+        raise SettingError(f"feature_shards={feature_shards} must divide the world size {world}", ("feature_shards",))
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
@@ -344,8 +344,6 @@ def shutdown(d: Dist) -> None:
 def checkpoint_dir(out, d: Dist):
     """Where this rank's training checkpoints live: `checkpoints/` (one copy, written by rank 0), or
     `checkpoints/shard-J/` per feature shard J (written by the shard's data-rank-0)."""
-    from cltrace.training.checkpoint import checkpoint_root
-
     root = checkpoint_root(out)
     return root / f"shard-{d.fp_rank}" if d.fp_size > 1 else root
 
@@ -357,8 +355,6 @@ def find_resume_checkpoint(out, d: Dist):
     different steps, which must not be mixed.
     """
     from pathlib import Path
-
-    from cltrace.training.checkpoint import latest_checkpoint
 
     path = latest_checkpoint(checkpoint_dir(out, d)) if Path(out).exists() else None
     if not d.distributed:

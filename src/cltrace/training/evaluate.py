@@ -19,7 +19,10 @@ import math
 import torch
 from torch import Tensor
 
+from cltrace.data import ContextStream, keep_mask
+from cltrace.data.tokens import special_tokens
 from cltrace.errors import CltraceError
+from cltrace.transcoders.io import check_fits
 from cltrace.transcoders.transcoder import Transcoder
 
 
@@ -59,8 +62,6 @@ class _Splice:
 
 def eval_contexts(model, corpus_spec=None, n_tokens: int = 8192, context_len: int = 128) -> Tensor:
     """[B, T] held-out contexts of the corpus (its eval split), about n_tokens in all."""
-    from cltrace.data import ContextStream
-
     stream = ContextStream(corpus_spec, model.tokenizer, context_len, split="eval", loop=False)
     ctxs = stream.take(max(1, math.ceil(n_tokens / context_len)))
     if not ctxs:
@@ -78,10 +79,6 @@ def evaluate(model, transcoder: Transcoder, corpus_spec=None, n_tokens: int = 81
     Returns a JSON-able dict: nmse, explained_variance, l0, dead_fraction, ce_original, ce_spliced,
     ce_increase, kl, top1_agreement (means), the per-layer lists *_layers, and n_tokens.
     """
-    from cltrace.data import keep_mask
-    from cltrace.data.tokens import special_tokens
-    from cltrace.transcoders.io import check_fits
-
     tc = transcoder.eval()
     check_fits(tc, model)
     if ids is None:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from cltrace.training.distributed import Dist
+from cltrace.training.losses import auxk_acts
 from cltrace.transcoders.sharded import global_config, shard_bounds, shard_config
 from cltrace.transcoders.transcoder import TrainForward, Transcoder, TranscoderConfig
 
@@ -107,8 +108,6 @@ def sharded_activate(tc: Transcoder, pre: Tensor, d: Dist, *, training: bool | N
 def sharded_auxk_acts(pre: Tensor, dead: Tensor, k_aux: int, d: Dist) -> Tensor:
     """AuxK's activations across shards: each token's k_aux largest positive pre-activations among the dead
     features of *all* shards. pre [N, L, F_j], dead [L, F_j] bool -> [N, L, F_j]. One shard: `auxk_acts`."""
-    from cltrace.training.losses import auxk_acts
-
     if d.fp_size == 1:
         return auxk_acts(pre, dead, k_aux)
     masked = pre.detach().masked_fill(~dead, float("-inf"))  # [N, L, F_j]

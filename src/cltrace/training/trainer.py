@@ -25,9 +25,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cltrace.errors import CltraceError
+from cltrace.data import CachedActivations, StreamingActivations
+from cltrace.data.activations import default_buffer_tokens
+from cltrace.errors import CltraceError, SettingError
+from cltrace.models.registry import DEFAULT_MODEL, display_name, load_model
+from cltrace.runtime import keep_freed_memory, resolve_device
 from cltrace.training.checkpoint import load_checkpoint, save_checkpoint
 from cltrace.training.config import CONFIG_FILE, TrainConfig
+from cltrace.training.distributed import (
+    Dist,
+    FailureGuard,
+    checkpoint_dir,
+    find_resume_checkpoint,
+    init_distributed,
+    shutdown,
+)
 from cltrace.training.losses import (
     auxk_loss,
     preact_loss,
@@ -37,6 +49,9 @@ from cltrace.training.losses import (
 from cltrace.training.metrics import FeatureStats, MetricsLog, plot_curves
 from cltrace.training.optim import AdamW
 from cltrace.training.schedule import lr_factor, sparsity_factor
+from cltrace.training.sharding import make_transcoder, sharded_auxk_acts, sharded_forward, shared_parameters
+from cltrace.transcoders.io import save_transcoder
+from cltrace.transcoders.sharded import save_shard
 from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -52,10 +67,6 @@ class TrainingDiverged(CltraceError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, source, *, model_name: str = "", dist=None, log=None):
-        from cltrace.runtime import keep_freed_memory, resolve_device
-        from cltrace.training.distributed import Dist
-        from cltrace.training.sharding import make_transcoder
-
         cfg.validate()
         keep_freed_memory()  # every step allocates the same large temporaries: reuse them, do not re-fault them
         self.cfg, self.source = cfg, source
@@ -160,7 +171,7 @@ class Trainer:
             shares = meta.get("source_shares") or []
             if len(shares) != self.dist.dp_size:
                 raise CltraceError(f"{path} holds the source positions of {len(shares)} data ranks, this run has "
-                                   f"{self.dist.dp_size}: resume with the same world size and --feature-shards")
+                                   f"{self.dist.dp_size}: resume with the same world size and feature_shards")
             src_state = shares[self.dist.dp_rank]
         if src_state is not None and hasattr(self.source, "load_state_dict"):
             self.source.load_state_dict(src_state)
@@ -171,8 +182,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
-        from cltrace.training.distributed import checkpoint_dir
-
         src_state = self.source.state_dict() if hasattr(self.source, "state_dict") else None
         # every data rank's position in its own share (a collective: every rank calls save_checkpoint)
         shares = self.dist.gather_objects_over_data(src_state) if self.source_share else None
@@ -203,8 +212,6 @@ class Trainer:
 
     def train_step(self, x: Tensor, y: Tensor) -> dict:
         """One optimizer step on raw activations x, y [N, L, D]; returns the step's metrics."""
-        from cltrace.training.sharding import sharded_auxk_acts, sharded_forward, shared_parameters
-
         cfg, tc, d = self.cfg, self.tc, self.dist
         if not self.source_share:  # a whole-stream source: keep this data rank's rows of the global batch
             x, y = d.split_batch(x, y)
@@ -289,7 +296,7 @@ class Trainer:
     def _diverged(self, what: str, value: Tensor, terms: dict) -> None:
         parts = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
         where = (f"the last good checkpoint is {self.last_checkpoint} (step {self._ckpt_step()}); resume from it "
-                 "with --resume after lowering --lr" if self.last_checkpoint else "no checkpoint was written yet")
+                 "(resume=True) after lowering lr" if self.last_checkpoint else "no checkpoint was written yet")
         raise TrainingDiverged(
             f"training stopped at step {self.step}: the {what} became {value.item()} ({parts}); {where}"
         )
@@ -360,8 +367,6 @@ class Trainer:
     # ------------------------------------------------------------------ the result
     def finalize(self, last: dict | None = None) -> Transcoder:
         """Fold the normalization into a copy of the transcoder, save it, plot the curves."""
-        from cltrace.transcoders.io import save_transcoder
-
         cfg = self.cfg
         tc = Transcoder(self.tc.cfg, device=self.device, init=False)
         tc.load_state_dict(self.tc.state_dict())
@@ -372,8 +377,6 @@ class Trainer:
             "final_nmse": (last or {}).get("nmse"), "final_l0": (last or {}).get("l0"), **cfg.extra,
         }}
         if self.dist.fp_size > 1 and self.dist.writes_shard:  # shard files + shards.json: merge-shards joins them
-            from cltrace.transcoders.sharded import save_shard
-
             save_shard(tc, self.out)
         if self.dist.is_main:
             if self.dist.fp_size == 1:
@@ -403,21 +406,15 @@ def open_source(cfg: TrainConfig, *, device=None, model=None, dist=None):
     dist: under data parallelism, the source is this data rank's share (rank dp_rank of dp_size): no two
     data ranks read the same rows or run the model on the same contexts.
     """
-    from cltrace.data import CachedActivations, StreamingActivations
-    from cltrace.data.activations import default_buffer_tokens
-
     share = {"rank": dist.dp_rank, "world": dist.dp_size} if dist is not None and dist.dp_size > 1 else {}
     if cfg.cache:
         if not Path(cfg.cache).exists():
-            raise CltraceError(f"no activation cache at {cfg.cache}: write one first (or drop --cache to stream)")
-        from cltrace.models.registry import display_name
-
+            raise SettingError(f"no activation cache at {cfg.cache}: write one first (or leave cache unset to stream "
+                               "activations from the model)", ("cache",))
         name = model.name if model is not None else (display_name(cfg.model) if cfg.model else None)
         src = CachedActivations(cfg.cache, model=name, **share)
         return src, src.manifest["model"]
     if model is None:
-        from cltrace.models.registry import DEFAULT_MODEL, load_model
-
         model = load_model(cfg.model or DEFAULT_MODEL, device=device or "cpu")
     # a short run needs no 2 GB buffer: filling it would cost more model passes than the run itself
     buffer = cfg.shuffle_buffer or min(default_buffer_tokens(model.n_layers, model.d_model),
@@ -435,8 +432,6 @@ def train(cfg: TrainConfig, *, source=None, model=None, model_name: str = "", re
     resume: continue from the newest checkpoint in cfg.out (same result as an uninterrupted run); with no
     checkpoint there, start afresh. until_step: stop early after that step (tests, benchmarks).
     """
-    from cltrace.training.distributed import init_distributed, shutdown
-
     cfg.validate()
     own_group = dist is None  # under torchrun: join its process group here, and leave it when done
     if own_group:
@@ -451,14 +446,11 @@ def train(cfg: TrainConfig, *, source=None, model=None, model_name: str = "", re
 
 def _train(cfg: TrainConfig, dist, *, source, model, model_name: str, resume: bool, log,
            until_step: int | None) -> Transcoder:
-    from cltrace.runtime import resolve_device
-    from cltrace.training.distributed import FailureGuard, find_resume_checkpoint
-
     out = Path(cfg.out)
     ckpt = find_resume_checkpoint(out, dist)
     if ckpt is not None and not resume:
-        raise CltraceError(f"{out} already holds a training run (checkpoint {ckpt.name}): pass --resume to "
-                           "continue it, or choose another --out")
+        raise SettingError(f"{out} already holds a training run (checkpoint {ckpt.name}): resume it (resume=True) "
+                           "or choose another output folder", ("resume", "out"))
     if ckpt is not None:
         _check_same_config(cfg, out / CONFIG_FILE)
     if source is None:

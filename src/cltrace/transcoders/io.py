@@ -107,5 +107,5 @@ def check_fits(tc: Transcoder, model) -> None:
         name = tc.cfg.model_name or "another model"
         raise CltraceError(
             f"these transcoders do not fit model {model.name} ({'; '.join(problems)}); they were made for "
-            f"{name}: pass --model {name} or transcoders trained on {model.name}"
+            f"{name}: load model {name}, or transcoders trained on {model.name}"
         )

@@ -33,9 +33,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from cltrace.transcoders import sparse as sp
 from cltrace.transcoders.activations import batch_topk, batch_topk_mask, jumprelu, topk
-from cltrace.transcoders.sparse import Listing
+from cltrace.transcoders.sparse import (
+    Listing,
+    decode_dense,
+    decode_listed,
+    decode_rows,
+    listed_pre_acts,
+    should_decode_sparse,
+)
 
 ACTIVATIONS = ("jumprelu", "topk", "batchtopk", "relu")
 READ_POINTS = ("mlp_in", "resid_mid")
@@ -197,14 +203,14 @@ class Transcoder(nn.Module):
         """
         if mask is None:
             mask = acts != 0
-        if sp.should_decode_sparse(mask.float().mean().item(), acts.device, sparse):
+        if should_decode_sparse(mask.float().mean().item(), acts.device, sparse):
             listing = Listing.of(mask)
-            return sp.decode_listed(self.W_dec, listing, listing.gather(acts).to(self.b_dec.dtype))
-        return sp.decode_dense(self.W_dec, acts, self.cfg.d_model)
+            return decode_listed(self.W_dec, listing, listing.gather(acts).to(self.b_dec.dtype))
+        return decode_dense(self.W_dec, acts, self.cfg.d_model)
 
     def decode_listed(self, listing: Listing, vals: Tensor) -> Tensor:
         """The listed activations vals [nnz] -> [N, L, D] without b_dec and skip (the tiled sparse decode)."""
-        return sp.decode_listed(self.W_dec, listing, vals)
+        return decode_listed(self.W_dec, listing, vals)
 
     def add_bias_and_skip(self, features_out: Tensor, x: Tensor | None) -> Tensor:
         """[N, L, D] feature part of a reconstruction -> + b_dec (+ x_l @ W_skip[l] when x is given)."""
@@ -224,8 +230,8 @@ class Transcoder(nn.Module):
         W = self.W_dec[layer]  # [F, n_out, D]
         if features is not None:
             return torch.einsum("nf,fod->nod", a[:, features].to(W.dtype), W[features])
-        if sp.should_decode_sparse((a != 0).float().mean().item(), a.device):
-            return sp.decode_rows(W, a)
+        if should_decode_sparse((a != 0).float().mean().item(), a.device):
+            return decode_rows(W, a)
         return (a.to(W.dtype) @ W.reshape(W.shape[0], -1)).view(a.shape[0], *W.shape[1:])
 
     def feature_writes(self, layer: int, features: Tensor, acts: Tensor) -> Tensor:
@@ -267,7 +273,7 @@ class Transcoder(nn.Module):
         sum_features = sum_features or (lambda t: t)
         if self.cfg.activation in ("topk", "batchtopk") and torch.is_grad_enabled():
             density = self.cfg.k / self.n_features if density is None else density  # known: k per token, layer
-            if sp.should_decode_sparse(density, x.device, sparse):
+            if should_decode_sparse(density, x.device, sparse):
                 with torch.no_grad():
                     pre = self.pre_acts(x)
                     mask = active_mask(pre) if active_mask else self.train_active_mask(pre)
@@ -284,7 +290,7 @@ class Transcoder(nn.Module):
         entries -> (sparse decode [N, L, D] without bias, the listing, the listed activations [nnz]), with
         gradients for the encoder through the listed entries only (an active entry's activation is its pre)."""
         listing = Listing.of(mask)
-        vals = sp.listed_pre_acts(self.W_enc, self.b_enc, x, pre, listing)
+        vals = listed_pre_acts(self.W_enc, self.b_enc, x, pre, listing)
         return self.decode_listed(listing, vals), listing, vals
 
     def train_active_mask(self, pre: Tensor) -> Tensor:
