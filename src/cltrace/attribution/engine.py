@@ -175,7 +175,7 @@ class RowComputer:
             for c in range(sl.start, stop, step):
                 e = min(c + step, stop)
                 g = Gt[feats.pos[c:e], :, s:s + k].reshape(e - c, B, k * self.D)  # [c, B, k·D]
-                w = tc.W_dec[s][feats.index[c:e], :k].float().reshape(e - c, k * self.D, 1)  # [c, k·D, 1]
+                w = tc.decoder_vectors(s, feats.index[c:e])[:, :k].float().reshape(e - c, k * self.D, 1)  # [c, k·D, 1]
                 rows[:, c:e] = torch.bmm(g, w)[:, :, 0].T * feats.act[c:e].float()
 
     @torch.no_grad()
