@@ -24,6 +24,10 @@ from pathlib import Path
 
 import torch
 
+from cltrace.runtime import tune_cpu_memory
+
+tune_cpu_memory()  # the CLI's CPU memory settings, before the first large allocation
+
 CT_PY = "/tmp/ct-venv/bin/python"
 CT_REF = "/work/shared/reference/circuit-tracer/run_reference.py"
 HERE = Path(__file__).parent

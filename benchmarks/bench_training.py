@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-import cltrace  # noqa: F401  (before the first large allocation: huge pages, see cltrace/__init__.py)
+from cltrace.runtime import tune_cpu_memory
+
+tune_cpu_memory()  # before the first large allocation: huge pages, malloc keeps freed blocks (as the CLI)
 
 
 def bare_forward(model, reps: int = 3) -> float:

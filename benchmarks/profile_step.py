@@ -15,7 +15,9 @@ import time
 
 import torch
 
-import cltrace  # noqa: F401  (before the first large allocation: huge pages, see cltrace/__init__.py)
+from cltrace.runtime import tune_cpu_memory
+
+tune_cpu_memory()  # before the first large allocation: huge pages, malloc keeps freed blocks (as the CLI)
 
 
 class RandomRows:
