@@ -1,0 +1,22 @@
+"""The feature database: what each transcoder feature does, measured once over a corpus and stored in SQLite.
+
+    build_features(model, tc, out=PATH)    one streaming pass -> PATH (SQLite), resumable, labels kept
+    FeatureDB.open(PATH)                   .feature(layer, f) -> FeatureCard, .features([...]), .search(text),
+                                           .set_label(...), .label(...), .check_fits(tc, model)
+
+Modules, one job each: stats (the pass: frequencies, histograms, top-k and quantile examples with windows),
+effects (promoted / suppressed / input tokens from the weights), labels (automatic labels), db (the SQLite
+file), build (the pass end to end, checkpoints), show (a card as text or PNG).
+This package sits above interventions and below the viewer and the CLI.
+"""
+
+from cltrace.features.build import build_features
+from cltrace.features.db import Example, FeatureCard, FeatureDB, QuantileRange, SearchHit, TokenValue
+from cltrace.features.effects import Effects, input_effects, output_effects
+from cltrace.features.labels import auto_label
+from cltrace.features.stats import FeatureStats, Summary
+
+__all__ = [
+    "Effects", "Example", "FeatureCard", "FeatureDB", "FeatureStats", "QuantileRange", "SearchHit", "Summary",
+    "TokenValue", "auto_label", "build_features", "input_effects", "output_effects",
+]

@@ -1,0 +1,312 @@
+"""Per-feature statistics of a transcoder over a corpus, in one streaming pass.
+
+For every feature of every layer (all L·F at once, vectorized over features) `FeatureStats` keeps:
+
+    count, act_sum, act_max     tokens where it fires (activation > 0), Σ activation, max activation     [L, F]
+    hist                        nonzero activations on a fixed log-spaced grid (48 bins over 1e-3..1e3 by
+                                default) plus an underflow (< 1e-3) and an overflow (≥ 1e3) bin   [L, F, H]
+    top-k examples              the k largest activations: value, global index (context·T + pos), and the
+                                feature's activation over a window around that token              [L, k, F, W]
+    quantile reservoir          per (feature, fine histogram bin) the m occurrences with the smallest random
+                                keys, with their windows                                           [L, F, H, m, W]
+    contexts                    the token ids of every context seen (int32 [n_contexts, T])
+
+Memory is flat in the number of tokens: everything above is a fixed size per feature, except the context
+token ids (4 bytes a token). Per feature that is 8·H (histogram) + k·(14 + 2W) (top-k) + H·m·(16 + 2W)
+(reservoir) + 20 bytes; with the defaults (H = 50, k = 20, W = 25, m = 4) about 15 KB, so 4.4 GB for
+18 layers × 16384 features, most of it the reservoir's windows (fewer `hist_bins` or a smaller `per_bin`
+shrink it).
+
+Windows. Each example stores the feature's activation at `before` tokens before and `after` tokens after
+its token (NaN outside the context, 0 at special-token positions, which are not counted), as float16. They
+are gathered from the batch's activations when the example is inserted, so no second pass is needed.
+
+Ties in the top-k: of equal activations the earlier occurrence (smaller context index, then position) wins.
+Contexts are processed in a fixed order, the running top-k always holds earlier tokens than a new batch, and
+every sort is stable; exact ties do happen (a repeated text gives bit-identical activations).
+
+Quantile examples: `n_ranges` equal ranges between 0 and the final max, `per_range` examples each, sampled
+uniformly within each range. The final max is unknown during the pass, so: every nonzero occurrence gets an
+independent uniform random key; for each feature and fine histogram bin the m (= per_range) occurrences with
+the smallest keys are kept; at the end, for each range, the kept occurrences with the smallest keys among
+those whose value lies in the range are taken. For fine bins wholly inside a range this is *exactly* a
+uniform sample without replacement (the range's per_range smallest keys are each among the per_range
+smallest of their own bin, so they were kept). Only at range edges, in a fine bin that straddles two ranges,
+is it approximate, at the fine-bin width (a factor 10^(6/48) ≈ 1.33 in value with the defaults): such a bin
+kept its m smallest keys over both sides, so a range may get fewer, or not quite uniform, examples from it.
+
+Resuming: `state_dict()` holds plain tensors only (saved with safetensors), including the state of the
+random generator of the keys and the number of contexts consumed, so a pass that is stopped, saved, loaded
+and continued (same batches in the same order) ends equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as nnf
+from torch import Tensor
+
+from cltrace.data.activations import keep_mask
+
+NAN = float("nan")
+
+
+def bin_edges(lo: float = 1e-3, hi: float = 1e3, n_bins: int = 48) -> Tensor:
+    """[n_bins + 1] log-spaced edges. Bin 0 is (0, lo), bins 1..n_bins the grid, bin n_bins + 1 is [hi, ∞)."""
+    return torch.logspace(math.log10(lo), math.log10(hi), n_bins + 1, dtype=torch.float64).float()
+
+
+@dataclass
+class Summary:
+    """The finished statistics, on the CPU: what the feature database stores (see the module docstring)."""
+
+    tokens: int  # tokens seen (special-token positions excluded)
+    count: Tensor  # [L, F] int64
+    act_sum: Tensor  # [L, F] float64
+    act_max: Tensor  # [L, F] float32
+    hist: Tensor  # [L, F, H] int64
+    edges: Tensor  # [H - 1] float32 (see bin_edges)
+    top_val: Tensor  # [L, k, F] float32, 0 where empty; sorted by (value desc, index asc)
+    top_gidx: Tensor  # [L, k, F] int64 context·T + pos, -1 where empty
+    top_win: Tensor  # [L, k, F, W] float16
+    q_val: Tensor  # [L, F, R, p] float32, 0 where empty; sorted by value desc within a range
+    q_gidx: Tensor  # [L, F, R, p] int64, -1 where empty
+    q_win: Tensor  # [L, F, R, p, W] float16
+    contexts: Tensor  # [n_contexts, T] int32
+    final_scale: float  # mean over the tokens of the final norm's 1/rms (1/std) factor
+    window: tuple[int, int]  # (before, after)
+
+    @property
+    def context_len(self) -> int:
+        return int(self.contexts.shape[1])
+
+
+class FeatureStats:
+    """The running statistics of one pass (see the module docstring). `add_batch` feeds it contexts."""
+
+    def __init__(self, n_layers: int, n_features: int, context_len: int, *, special_ids: set[int] | None = None,
+                 top_k: int = 20, window: tuple[int, int] = (16, 8), per_bin: int = 4,
+                 hist_range: tuple[float, float] = (1e-3, 1e3), hist_bins: int = 48, seed: int = 0,
+                 device: torch.device | str = "cpu"):
+        L, F, self.T = n_layers, n_features, context_len
+        self.L, self.F = L, F
+        self.k, self.window, self.m = top_k, (int(window[0]), int(window[1])), per_bin
+        self.W = self.window[0] + 1 + self.window[1]
+        self.special_ids = set(special_ids or ())
+        self.device = torch.device(device)
+        self.edges = bin_edges(*hist_range, hist_bins).to(self.device)  # [H - 1]
+        self.H = hist_bins + 2
+        kw = dict(device=self.device)
+        self.tokens = 0
+        self.n_contexts = 0
+        self.final_scale_sum = 0.0
+        self.count = torch.zeros(L, F, dtype=torch.int64, **kw)
+        self.act_sum = torch.zeros(L, F, dtype=torch.float64, **kw)
+        self.act_max = torch.zeros(L, F, dtype=torch.float32, **kw)
+        self.hist = torch.zeros(L, F, self.H, dtype=torch.int64, **kw)
+        self.top_val = torch.zeros(L, self.k, F, dtype=torch.float32, **kw)
+        self.top_gidx = torch.full((L, self.k, F), -1, dtype=torch.int64, **kw)
+        self.top_win = torch.full((L, self.k, F, self.W), NAN, dtype=torch.float16, **kw)
+        self.q_key = torch.full((L, F, self.H, self.m), math.inf, dtype=torch.float32, **kw)
+        self.q_val = torch.zeros(L, F, self.H, self.m, dtype=torch.float32, **kw)
+        self.q_gidx = torch.full((L, F, self.H, self.m), -1, dtype=torch.int64, **kw)
+        self.q_win = torch.full((L, F, self.H, self.m, self.W), NAN, dtype=torch.float16, **kw)
+        self.contexts: list[Tensor] = []  # int32 [B, T] per batch, on the CPU
+        self.rng = torch.Generator().manual_seed(seed)  # the quantile keys (CPU: one stream on any device)
+
+    # ------------------------------------------------------------------ the pass
+    @torch.no_grad()
+    def add_batch(self, model, tc, ids: Tensor) -> None:
+        """ids [B, T]: the next B contexts of the fixed order. One forward of the model, then every layer."""
+        B, T = ids.shape
+        if T != self.T:
+            raise ValueError(f"contexts of {T} tokens, the statistics were set up for {self.T}")
+        ids_dev = ids.to(model.device)
+        trace = model.forward(ids_dev, compute_logits=False)
+        keep = keep_mask(ids_dev, self.special_ids).to(self.device)  # [B, T] not BOS or another special token
+        reads = tc.select_input(trace.resid_mid, trace.mlp_in)  # L × [B, T, D]
+        scale = trace.frozen.scales["final"][..., 0].to(self.device)  # [B, T] the final norm's 1/rms
+        self.final_scale_sum += float(scale[keep].double().sum())
+        for layer in range(self.L):
+            x = reads[layer].reshape(B * T, -1).to(tc.W_enc.dtype)  # [N, D]
+            a = tc.activate(tc.pre_acts(x, layer), layer, training=False).float().view(B, T, self.F)
+            self.update_layer(layer, a.to(self.device).masked_fill(~keep[..., None], 0.0), self.n_contexts)
+        self.tokens += int(keep.sum())
+        self.contexts.append(ids.to(torch.int32).cpu())
+        self.n_contexts += B
+
+    def update_layer(self, layer: int, a: Tensor, ctx0: int) -> None:
+        """a [B, T, F]: one layer's activations of contexts ctx0..ctx0+B-1, 0 at positions not counted."""
+        B, T, F = a.shape
+        flat = a.reshape(B * T, F)  # [N, F], row n = b·T + t
+        fires = flat > 0
+        self.count[layer] += fires.sum(0)
+        self.act_sum[layer] += flat.sum(0, dtype=torch.float64)
+        self.act_max[layer] = torch.maximum(self.act_max[layer], flat.max(0).values)
+        # windows: view[b, t, f] = a[b, t - before : t + after + 1, f], NaN outside the context
+        before, after = self.window
+        view = nnf.pad(a, (0, 0, before, after), value=NAN).unfold(1, self.W, 1)  # [B, T, F, W] (a view)
+
+        def windows(n: Tensor, f: Tensor) -> Tensor:  # rows n, features f (same shape) -> [..., W] float16
+            return view[n // T, n % T, f].to(torch.float16)
+
+        self._update_top(layer, flat, windows, ctx0 * T)
+        nz = fires.nonzero()  # [nnz, 2] (row, feature), row-major: a fixed order for the random keys
+        if nz.numel():
+            n, f = nz.unbind(1)
+            v = flat[n, f]
+            bins = torch.bucketize(v, self.edges, right=True)  # [nnz] 0 (underflow) .. H - 1 (overflow)
+            self.hist[layer] += torch.bincount(f * self.H + bins, minlength=F * self.H).view(F, self.H)
+            self._update_reservoir(layer, n, f, v, bins, windows, ctx0 * T)
+
+    def _update_top(self, layer: int, flat: Tensor, windows, g0: int) -> None:
+        """Merge the batch's k largest activations per feature into the running top-k ([k, F] per layer)."""
+        N, F = flat.shape
+        k = self.k
+        kk = min(k, N)
+        vals, idx = flat.topk(kk, dim=0)  # [kk, F] (which of several equal values topk picks is unspecified)
+        cut = vals[-1]  # [F]
+        tied = (cut > 0) & ((flat == cut).sum(0) > (vals == cut).sum(0))  # equal values left out at the cut
+        if bool(tied.any()):  # rare: redo those features with a stable sort (earlier rows first)
+            cols = tied.nonzero()[:, 0]
+            sv, si = flat[:, cols].sort(dim=0, descending=True, stable=True)
+            vals[:, cols], idx[:, cols] = sv[:kk], si[:kk]
+        idx, perm = idx.sort(dim=0)  # order the candidates by (value desc, row asc)
+        vals = vals.gather(0, perm)
+        vals, perm = vals.sort(dim=0, descending=True, stable=True)
+        idx = idx.gather(0, perm)
+        feats = torch.arange(F, device=flat.device).expand(kk, F)
+        cv = torch.cat([self.top_val[layer], vals])  # [k + kk, F]: the running ones (earlier tokens) first
+        cg = torch.cat([self.top_gidx[layer], g0 + idx])
+        cw = torch.cat([self.top_win[layer], windows(idx, feats)])  # [k + kk, F, W]
+        order = cv.sort(dim=0, descending=True, stable=True).indices[:k]  # [k, F]
+        val, gidx = cv.gather(0, order), cg.gather(0, order)
+        win = cw.gather(0, order[..., None].expand(k, F, self.W))
+        empty = val <= 0
+        self.top_val[layer] = val.masked_fill(empty, 0.0)
+        self.top_gidx[layer] = gidx.masked_fill(empty, -1)
+        self.top_win[layer] = win.masked_fill(empty[..., None], NAN)
+
+    def _update_reservoir(self, layer: int, n: Tensor, f: Tensor, v: Tensor, bins: Tensor, windows,
+                          g0: int) -> None:
+        """Keep, per (feature, fine bin), the m occurrences with the smallest random keys seen so far."""
+        m, W = self.m, self.W
+        key = torch.rand(n.numel(), generator=self.rng).to(self.device)  # [nnz] uniform in [0, 1)
+        group = f * self.H + bins  # [nnz]
+        # 1) within the batch: the m smallest keys of each group (sort by key, then stably by group)
+        order = key.sort(stable=True).indices
+        order = order[group[order].sort(stable=True).indices]
+        g = group[order]
+        start = torch.ones_like(g, dtype=torch.bool)
+        start[1:] = g[1:] != g[:-1]
+        first = start.nonzero()[:, 0]  # where each group's run begins
+        rank = torch.arange(g.numel(), device=g.device) - first[start.cumsum(0) - 1]
+        sel = rank < m
+        order, rank, g = order[sel], rank[sel], g[sel]
+        groups, slot = g.unique_consecutive(return_inverse=True)  # [G] touched groups; slot: row in [G, m]
+        G = groups.numel()
+        new_key = torch.full((G, m), math.inf, device=self.device)
+        new_val = torch.zeros(G, m, device=self.device)
+        new_gidx = torch.full((G, m), -1, dtype=torch.int64, device=self.device)
+        new_win = torch.full((G, m, W), NAN, dtype=torch.float16, device=self.device)
+        new_key[slot, rank] = key[order]
+        new_val[slot, rank] = v[order]
+        new_gidx[slot, rank] = g0 + n[order]
+        new_win[slot, rank] = windows(n[order], f[order])
+        # 2) merge with the kept ones: [G, 2m] -> the m smallest keys (kept ones first on an equal key)
+        qk, qv = self.q_key[layer].view(-1, m), self.q_val[layer].view(-1, m)  # [F·H, m] views
+        qg, qw = self.q_gidx[layer].view(-1, m), self.q_win[layer].view(-1, m, W)
+        ck = torch.cat([qk[groups], new_key], 1)
+        o = ck.sort(dim=1, stable=True).indices[:, :m]  # [G, m]
+        cv = torch.cat([qv[groups], new_val], 1)
+        cg = torch.cat([qg[groups], new_gidx], 1)
+        cw = torch.cat([qw[groups], new_win], 1)
+        qk[groups] = ck.gather(1, o)
+        qv[groups] = cv.gather(1, o)
+        qg[groups] = cg.gather(1, o)
+        qw[groups] = cw.gather(1, o[..., None].expand(G, m, W))
+
+    # ------------------------------------------------------------------ results
+    @torch.no_grad()
+    def quantile_examples(self, n_ranges: int = 8, per_range: int = 4) -> tuple[Tensor, Tensor, Tensor]:
+        """(value [L, F, R, p], gidx [L, F, R, p], window [L, F, R, p, W]) for R equal ranges of [0, max].
+
+        Range r is [r·max/R, (r+1)·max/R) (the last one includes max). Within a range: the kept occurrences
+        with the smallest keys (see the module docstring), then sorted by value, largest first.
+        """
+        R, p, W = n_ranges, per_range, self.W
+        L, F = self.L, self.F
+        out_val = torch.zeros(L, F, R, p, device=self.device)
+        out_gidx = torch.full((L, F, R, p), -1, dtype=torch.int64, device=self.device)
+        out_win = torch.full((L, F, R, p, W), NAN, dtype=torch.float16, device=self.device)
+        for layer in range(L):
+            key = self.q_key[layer].reshape(F, -1)  # [F, H·m]
+            val = self.q_val[layer].reshape(F, -1)
+            top = self.act_max[layer].double().clamp_min(1e-30)[:, None]
+            r = (val.double() / top * R).floor().long().clamp(0, R - 1)
+            r = torch.where(torch.isfinite(key), r, R)  # empty slots go to bucket R (dropped)
+            o = key.sort(dim=1, stable=True).indices  # by key, then stably by range
+            o = o.gather(1, r.gather(1, o).sort(dim=1, stable=True).indices)
+            rs = r.gather(1, o)
+            counts = nnf.one_hot(r, R + 1).sum(1)  # [F, R + 1]
+            offset = counts.cumsum(1) - counts
+            rank = torch.arange(o.shape[1], device=self.device)[None] - offset.gather(1, rs)
+            fi, j = ((rank < p) & (rs < R)).nonzero().unbind(1)
+            src, rr, kk = o[fi, j], rs[fi, j], rank[fi, j]
+            out_val[layer, fi, rr, kk] = val[fi, src]
+            out_gidx[layer, fi, rr, kk] = self.q_gidx[layer].reshape(F, -1)[fi, src]
+            out_win[layer, fi, rr, kk] = self.q_win[layer].reshape(F, -1, W)[fi, src]
+        order = out_val.sort(dim=-1, descending=True, stable=True).indices  # largest first, empty (0) last
+        out_val, out_gidx = out_val.gather(-1, order), out_gidx.gather(-1, order)
+        out_win = out_win.gather(-2, order[..., None].expand(*order.shape, W))
+        return out_val, out_gidx, out_win
+
+    def summary(self, n_ranges: int = 8, per_range: int = 4) -> Summary:
+        """The finished statistics (CPU tensors)."""
+        q_val, q_gidx, q_win = self.quantile_examples(n_ranges, per_range)
+        return Summary(
+            tokens=self.tokens, count=self.count.cpu(), act_sum=self.act_sum.cpu(), act_max=self.act_max.cpu(),
+            hist=self.hist.cpu(), edges=self.edges.cpu(), top_val=self.top_val.cpu(),
+            top_gidx=self.top_gidx.cpu(), top_win=self.top_win.cpu(), q_val=q_val.cpu(), q_gidx=q_gidx.cpu(),
+            q_win=q_win.cpu(), contexts=self.context_ids(),
+            final_scale=self.mean_final_scale(), window=self.window,
+        )
+
+    def mean_final_scale(self) -> float:
+        """The final norm's 1/rms (1/std) factor averaged over the tokens seen (what output effects freeze)."""
+        return self.final_scale_sum / max(self.tokens, 1)
+
+    def context_ids(self) -> Tensor:
+        """[n_contexts, T] int32 token ids of every context seen."""
+        if not self.contexts:
+            return torch.zeros(0, self.T, dtype=torch.int32)
+        if len(self.contexts) > 1:
+            self.contexts = [torch.cat(self.contexts)]
+        return self.contexts[0]
+
+    # ------------------------------------------------------------------ checkpoints
+    _TENSORS = ("count", "act_sum", "act_max", "hist", "top_val", "top_gidx", "top_win", "q_key", "q_val",
+                "q_gidx", "q_win")
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Plain CPU tensors (for safetensors): the statistics, the contexts, the key generator's state."""
+        state = {name: getattr(self, name).detach().cpu().contiguous() for name in self._TENSORS}
+        state["contexts"] = self.context_ids().contiguous()
+        state["rng_state"] = self.rng.get_state()
+        state["scalars"] = torch.tensor([self.tokens, self.n_contexts], dtype=torch.int64)
+        state["final_scale_sum"] = torch.tensor([self.final_scale_sum], dtype=torch.float64)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for name in self._TENSORS:
+            t = getattr(self, name)
+            if tuple(state[name].shape) != tuple(t.shape):
+                raise ValueError(f"{name}: saved shape {tuple(state[name].shape)}, expected {tuple(t.shape)}")
+            t.copy_(state[name])
+        self.contexts = [state["contexts"].to(torch.int32).clone()]
+        self.rng.set_state(state["rng_state"].clone())
+        self.tokens, self.n_contexts = (int(v) for v in state["scalars"])
+        self.final_scale_sum = float(state["final_scale_sum"][0])
