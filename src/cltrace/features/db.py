@@ -281,7 +281,7 @@ class FeatureDB:
         acts = acts[lo - (pos - before): hi - (pos - before)]
         tok = [int(t) for t in ids[lo:hi]]
         return Example(value=value, context_id=ctx, pos=pos, tokens=[self._token_text.get(t, "") for t in tok],
-                       token_ids=tok, acts=[round(float(a), 4) for a in acts], center=pos - lo)
+                       token_ids=tok, acts=[float(a) for a in acts], center=pos - lo)
 
     def _token_values(self, text: str) -> list[TokenValue]:
         return [TokenValue(self._token_text.get(int(i), ""), int(i), float(v)) for i, v in json.loads(text)]
