@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "cache": "cache",
     "trace": "trace",
     "intervene": "intervene",
+    "features": "features",
     "merge-shards": "merge_shards",
 }
 
