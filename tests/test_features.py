@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sqlite3
 
 import numpy as np
@@ -227,24 +229,34 @@ def table_dump(path) -> dict:
 
 
 def test_interrupted_and_resumed_build_equals_uninterrupted(model, clt, built, tmp_path):
+    """Ctrl-C (a real SIGINT) after batch 1, resume, an exception-style interrupt one batch later, resume."""
     out = tmp_path / "resumed.db"
 
-    def stop_after_two(batches: int) -> None:
-        if batches == 2:
+    def ctrl_c(batches: int) -> None:
+        if batches == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # the build's handler: finish the batch, save, stop
+
+    def interrupt(batches: int) -> None:
+        if batches == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_features(model, clt, out=out, checkpoint_every=0, on_batch=stop_after_two, **BUILD)
-    assert not out.exists() and (partial_dir(out) / "state.safetensors").exists()
-    progress = json.loads((partial_dir(out) / "progress.json").read_text())
-    assert progress["n_contexts"] == 2 * BATCH
+        build_features(model, clt, out=out, checkpoint_every=0, on_batch=ctrl_c, **BUILD)
+    assert not out.exists() and json.loads((partial_dir(out) / "progress.json").read_text())["n_contexts"] == BATCH
+    with pytest.raises(KeyboardInterrupt):
+        build_features(model, clt, out=out, resume=True, checkpoint_every=0, on_batch=interrupt, **BUILD)
+    assert json.loads((partial_dir(out) / "progress.json").read_text())["n_contexts"] == 2 * BATCH
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the build's handler is gone
     build_features(model, clt, out=out, resume=True, **BUILD)
     assert not partial_dir(out).exists()
     assert table_dump(out) == table_dump(built)
     with pytest.raises(CltraceError, match="no unfinished build"):
         build_features(model, clt, out=out, resume=True, **BUILD)
-
-
+    other = tmp_path / "other.db"
+    with pytest.raises(KeyboardInterrupt):
+        build_features(model, clt, out=other, checkpoint_every=0, on_batch=interrupt, **BUILD)
+    with pytest.raises(CltraceError, match="other settings"):
+        build_features(model, clt, out=other, resume=True, **{**BUILD, "top_k": 3})
 def test_labels_survive_a_rebuild_and_search_finds_them(model, clt, tmp_path):
     out = tmp_path / "labelled.db"
     build_features(model, clt, out=out, **BUILD)
