@@ -12,7 +12,7 @@ For every feature of every layer (all L·F at once, vectorized over features) `F
     contexts                    the token ids of every context seen (int32 [n_contexts, T])
 
 Memory is flat in the number of tokens: everything above is a fixed size per feature, except the context
-token ids (4 bytes a token). Per feature that is 8·H (histogram) + k·(14 + 2W) (top-k) + H·m·(16 + 2W)
+token ids (4 bytes a token). Per feature that is 8·H (histogram) + k·(12 + 2W) (top-k) + H·m·(16 + 2W)
 (reservoir) + 20 bytes; with the defaults (H = 50, k = 20, W = 25, m = 4) about 15 KB, so 4.4 GB for
 18 layers × 16384 features, most of it the reservoir's windows (fewer `hist_bins` or a smaller `per_bin`
 shrink it).
