@@ -635,3 +635,26 @@ def test_memory_order_adamw_state_round_trip(seed, load_layout):
     for k in saved:
         close(back[k], saved[k], seed, f"{k} after load_flat", rtol=0, atol=0)
     run_steps(opt2, ref_opt, params2, ref_params, g, 3, "backward", seed, start=3)
+
+
+def test_batch_topk_keeps_positive_subnormals():
+    """A non-positive cut-off keeps exactly the positive values, subnormal ones included."""
+    x = -torch.ones(2, 1, 4)
+    x[0, 0, 0] = 1e-40  # subnormal in float32
+    assert batch_topk_mask(x, 3).sum() == 1 and batch_topk_mask(x, 3)[0, 0, 0]
+
+
+def test_memory_order_adamw_contiguous_parameter_with_strided_gradient():
+    """A gradient assigned by hand in another layout than its (contiguous) parameter is stepped correctly."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    q = torch.nn.Parameter(p.detach().clone())
+    g = torch.randn(6, 4)
+    opt = AdamW([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.1)
+    ref = torch.optim.AdamW([q], lr=0.1, betas=(0.9, 0.99), weight_decay=0.1, foreach=False)
+    p.grad, q.grad = g.t(), g.t().contiguous()
+    opt.step()
+    ref.step()
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="permutation of contiguous memory"):
+        AdamW([torch.nn.Parameter(torch.randn(4, 6)[:, ::2])], lr=0.1, betas=(0.9, 0.99), weight_decay=0.0)

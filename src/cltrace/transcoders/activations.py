@@ -93,9 +93,10 @@ def batch_topk_cutoff(pre: Tensor, k: int, *, sample_stride: int = 16) -> Tensor
 
 def batch_topk_mask(x: Tensor, k: int) -> Tensor:
     """x [N, L, F] -> bool [N, L, F]: the entries BatchTopK keeps (≥ the layer's cut-off, and > 0)."""
-    cutoff = batch_topk_cutoff(x, k)  # [L]
-    tiny = torch.finfo(x.dtype).tiny  # a non-positive cut-off keeps exactly the positive values
-    return x >= torch.where(cutoff > 0, cutoff, tiny).to(x.dtype)[None, :, None]
+    cutoff = batch_topk_cutoff(x, k).to(x.dtype)  # [L]
+    # a non-positive cut-off keeps exactly the positive values: x >= the smallest positive (subnormal) number
+    smallest = torch.nextafter(torch.zeros((), dtype=x.dtype), torch.ones((), dtype=x.dtype)).to(x.device)
+    return x >= torch.where(cutoff > 0, cutoff, smallest)[None, :, None]
 
 
 def batch_topk(x: Tensor, k: int) -> Tensor:

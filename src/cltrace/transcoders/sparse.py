@@ -122,7 +122,7 @@ class Listing:
     feats: Tensor  # [nnz] feature
     per_layer: list[int]  # entries per source layer
     n_tokens: int
-    _by_feature: dict = field(default_factory=dict, repr=False)  # layer -> by_feature(layer), computed once
+    _by_feature: dict = field(default_factory=dict, repr=False)  # (layer, F) -> by_feature(layer, F), once
 
     @staticmethod
     def of(mask: Tensor) -> Listing:
@@ -136,7 +136,8 @@ class Listing:
         return t.transpose(0, 1)[self.lay, self.rows, self.feats]
 
     def scatter(self, vals: Tensor, like: Tensor) -> Tensor:
-        """vals [nnz] -> a dense [N, L, F] tensor shaped and laid out like `like`, zero where nothing is listed."""
+        """vals [nnz] -> a dense [N, L, F] tensor shaped like `like`, zero where nothing is listed; laid out
+        layer-major ([L, N, F] in memory), the layout of the encoder's pre-activations."""
         dense = like.new_zeros(like.shape[1], like.shape[0], like.shape[2], dtype=vals.dtype)  # [L, N, F]
         dense[self.lay, self.rows, self.feats] = vals
         return dense.transpose(0, 1)
@@ -147,11 +148,11 @@ class Listing:
     def by_feature(self, layer: int, n_features: int) -> tuple[Tensor, Tensor, Tensor]:
         """Layer `layer`'s entries grouped by feature, for the ∂W products (decoder and encoder backward):
         (order [nnz_l] into the layer's entries, their tokens in that order, [F] embedding_bag offsets)."""
-        if layer not in self._by_feature:
+        if (layer, n_features) not in self._by_feature:
             rows, feats = self.by_layer(self.rows)[layer], self.by_layer(self.feats)[layer]
             order = feats.argsort(stable=True)
-            self._by_feature[layer] = (order, rows[order], _bag_offsets(feats[order], n_features))
-        return self._by_feature[layer]
+            self._by_feature[layer, n_features] = (order, rows[order], _bag_offsets(feats[order], n_features))
+        return self._by_feature[layer, n_features]
 
 
 class _ListedPreActs(torch.autograd.Function):
