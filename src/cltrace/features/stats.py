@@ -144,7 +144,7 @@ class FeatureStats:
         flat = a.reshape(B * T, F)  # [N, F], row n = b·T + t
         fires = flat > 0
         self.count[layer] += fires.sum(0)
-        self.act_sum[layer] += flat.sum(0, dtype=torch.float64)
+        self.act_sum[layer] += flat.sum(0).double()  # a batch in float32, the running total in float64
         self.act_max[layer] = torch.maximum(self.act_max[layer], flat.max(0).values)
         # windows: view[b, t, f] = a[b, t - before : t + after + 1, f], NaN outside the context
         before, after = self.window
