@@ -60,7 +60,8 @@ def run_build(args, ctx) -> int:
         model, tc, corpus=args.corpus, n_tokens=int(args.tokens), context_len=args.context_len,
         batch_size=args.batch_size, out=args.out, resume=args.resume, top_k=args.top_k, window=tuple(args.window),
         n_ranges=args.ranges, per_range=args.per_range, checkpoint_every=args.checkpoint_every,
-        progress=not ctx.quiet, split=args.split, log=ctx.log,
+        progress=not ctx.quiet, split=args.split,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),  # even with -q: how to resume after Ctrl-C
     )
     ctx.log(f"wrote {out}")
     return 0

@@ -121,6 +121,8 @@ def build_features(
                 if checkpoint_every and batches % checkpoint_every == 0:
                     _save_checkpoint(part, stats, settings, position)
     except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()  # before the messages, so they do not land inside the bar's line
         if stop.mid_batch:  # a second Ctrl-C inside a batch: the state may be half updated, keep the last save
             say(f"stopped; the last checkpoint is in {part}: resume with resume=True (`--resume`)")
             raise
