@@ -5,15 +5,15 @@ import torch
 
 from cltrace.attribution import Graph, attribute
 from cltrace.errors import CltraceError
-from cltrace.models.tiny import FAMILY_NAMES, tiny_model
+from cltrace.models.tiny import FAMILY_NAMES
 from cltrace.replacement import build_replacement, random_transcoder
 
 PROMPT = "Fact: Michael Jordan plays the sport of"
 
 
 @pytest.fixture(scope="module", params=FAMILY_NAMES)
-def setup(request):
-    model = tiny_model(request.param)
+def setup(request, tiny_on):
+    model = tiny_on(request.param)
     ids = model.tokenize(PROMPT)
     out = {}
     for kind in ("clt", "plt"):
@@ -74,13 +74,13 @@ def test_rows_sum_to_target_values(setup, kind):
     assert torch.allclose(g.row_constant[feat_rows], c_indep, atol=1e-5)
     # logit rows: Σ edges + constant = logit − mean logit (before any soft-cap)
     fn = model.forward(ids).final_normed[0, -1]
-    logits = fn @ model.W_U.T
+    logits = (fn @ model.W_U.T).cpu()  # the graph's tensors are on the CPU whatever the model's device
     want = logits[g.logit_tokens] - logits.mean()
-    c_logit = (const.final_normed[0, -1] @ model.W_U.T)
+    c_logit = (const.final_normed[0, -1] @ model.W_U.T).cpu()
     c_logit = c_logit[g.logit_tokens] - c_logit.mean()
     assert torch.allclose(g.edges[~feat_rows].sum(1) + c_logit, want, atol=1e-4, rtol=1e-5)
     if model.config.__dict__.get("final_logit_softcapping") is None:
-        hf = model.logits(ids)[0, -1]
+        hf = model.logits(ids)[0, -1].cpu()
         assert torch.allclose(hf[g.logit_tokens] - hf.mean(), want, atol=1e-4)
     assert g.meta["max_logit_error"] < 1e-4
 
@@ -97,18 +97,19 @@ def test_single_edges_equal_perturbation_effects(setup, kind):
     feat_rows = (g.rows < g.n_features).nonzero().flatten()
     sources = [int(i) for i in torch.randint(0, g.n_features, (3,), generator=gen)]
     sources += [g.error_index(int(torch.randint(0, L, (1,), generator=gen)), T - 2), g.token_index(T - 3)]
+    dev = rep.mlp_out.device
     for s in sources:
-        delta, emb_delta = torch.zeros(L, T, D), None
+        delta, emb_delta = torch.zeros(L, T, D, device=dev), None
         if s < g.n_features:
             layer, pos, f = g.features[s].tolist()
-            dec = tc.decoder_vectors(layer, torch.tensor([f]))[0]  # [n_out, D]
+            dec = tc.decoder_vectors(layer, torch.tensor([f], device=dev))[0]  # [n_out, D]
             for j, lt in enumerate(tc.target_layers(layer)):
-                delta[lt, pos] = -g.activations[s] * dec[j]
+                delta[lt, pos] = -g.activations[s].item() * dec[j]
         elif s < g.token_index(0):
             layer, pos = divmod(s - g.n_features, T)
             delta[layer, pos] = -rep.error[layer, pos]
         else:
-            emb_delta = torch.zeros(T, D)
+            emb_delta = torch.zeros(T, D, device=dev)
             emb_delta[s - g.token_index(0)] = -rep.embed[s - g.token_index(0)]
         pert = frozen_run(model, rep, delta=delta, emb_delta=emb_delta)
         for r in feat_rows[:25].tolist():
@@ -140,8 +141,8 @@ def test_max_feature_nodes_keeps_rows_exact(setup):
     assert sum(ranks) / len(ranks) < full.n_features / 2
 
 
-def test_explicit_and_contrast_targets():
-    model = tiny_model("llama")
+def test_explicit_and_contrast_targets(tiny_on):
+    model = tiny_on("llama")
     ids = model.tokenize(PROMPT)
     tc = random_transcoder(model, "plt", 64, 8, ids=ids)
     g = attribute(model, tc, ids, targets=["a", ("b", "c")])
@@ -155,12 +156,12 @@ def test_explicit_and_contrast_targets():
         attribute(model, tc, ids, targets=["ab"])
 
 
-def test_top_logit_selection():
-    model = tiny_model("qwen2")
+def test_top_logit_selection(tiny_on):
+    model = tiny_on("qwen2")
     ids = model.tokenize(PROMPT)
     tc = random_transcoder(model, "plt", 32, 4, ids=ids)
     g = attribute(model, tc, ids, max_n_logits=3)
-    p = torch.softmax(model.logits(ids)[0, -1], -1)
+    p = torch.softmax(model.logits(ids)[0, -1], -1).cpu()
     assert g.logit_tokens.tolist() == p.topk(3).indices.tolist()[: g.n_logits]
     assert torch.allclose(g.logit_probs, p[g.logit_tokens], atol=1e-6)
 
@@ -206,11 +207,11 @@ def test_long_prompt_path_gives_same_edges(setup, monkeypatch):
     assert torch.allclose(attribute(model, tc, ids, batch_size=16).edges, g.edges, atol=1e-5)
 
 
-def test_truncated_pass_equals_the_full_one():
+def test_truncated_pass_equals_the_full_one(tiny_on):
     """A batch's pass on the prefix ids[:n] up to the read points of one layer sees exactly the full pass."""
     from cltrace.attribution.engine import build_leaves
 
-    model = tiny_model("gemma3")
+    model = tiny_on("gemma3")
     ids = model.tokenize(PROMPT)
     tc = random_transcoder(model, "clt", 64, 8, ids=ids)
     rep = build_replacement(model, tc, ids)
@@ -222,7 +223,7 @@ def test_truncated_pass_equals_the_full_one():
             assert torch.allclose(part.reads[layer][0], full.reads[layer][0, :n_pos], atol=1e-6)
 
 
-def test_plan_batches_covers_every_row_once():
+def test_plan_batches_covers_every_row_once():  # batch planning is host-side bookkeeping: CPU only
     from cltrace.attribution.engine import plan_batches
 
     gen = torch.Generator().manual_seed(0)

@@ -1,4 +1,9 @@
-"""Influence, pruning and scores against a direct dense computation on small random DAGs."""
+"""Influence, pruning and scores against a direct dense computation on small random DAGs.
+
+A `Graph` holds CPU tensors (attribution moves its result to the host; `kinds`, `logit_weights` and `prune` work
+there), so pruning and the scores are tested on the CPU only; the influence series itself, a tensor function,
+also runs on --device.
+"""
 
 import pytest
 import torch
@@ -34,11 +39,11 @@ def dense_influence(A: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_influence_is_inverse_series(seed):
+def test_influence_is_inverse_series(seed, device):
     g = random_graph(seed)
     w = g.logit_weights().double()
-    got = influence(normalize_rows(g.edges.double()), g.rows, w)
-    assert torch.allclose(got, dense_influence(g.adjacency().double(), w), atol=1e-10)
+    got = influence(normalize_rows(g.edges.double().to(device)), g.rows.to(device), w.to(device))
+    assert torch.allclose(got.cpu(), dense_influence(g.adjacency().double(), w), atol=1e-10)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -17,7 +17,6 @@ from cltrace.interventions import (
     run_constrained,
     run_free,
 )
-from cltrace.models.tiny import tiny_model
 from cltrace.replacement import random_transcoder
 
 PROMPT = "the cat sat on the mat"
@@ -39,15 +38,15 @@ def active_feature(clean, layer: int, pos: int | None = None) -> tuple[int, int,
 
 
 @pytest.fixture(scope="module")
-def llama():
-    m = tiny_model("llama")
+def llama(tiny_on):
+    m = tiny_on("llama")
     return m, calibrated_transcoder(m)
 
 
 # ---------------------------------------------------------------------- (b) no-ops change nothing
 @pytest.mark.parametrize("kind,skip", [("clt", False), ("plt", False), ("clt", True)])
-def test_noop_reproduces_logits_exactly(family, kind, skip):
-    model = tiny_model(family)
+def test_noop_reproduces_logits_exactly(family, kind, skip, tiny_on):
+    model = tiny_on(family)
     tc = calibrated_transcoder(model, kind=kind, skip=skip)
     with torch.no_grad():
         clean = clean_run(model, tc, model.tokenize(PROMPT))
@@ -63,10 +62,10 @@ def test_noop_reproduces_logits_exactly(family, kind, skip):
 
 
 # ---------------------------------------------------------------------- (a) the graph's prediction holds
-def test_all_layers_held_is_linear_and_matches_direct_patch(family):
+def test_all_layers_held_is_linear_and_matches_direct_patch(family, tiny_on):
     """Every layer held: Δpre of a later feature = (d pre / d a) · Δa exactly, for any Δa, and equals the
     frozen plain model with the feature's decoder vectors added to the clean MLP outputs."""
-    model = tiny_model(family)
+    model = tiny_on(family)
     tc = calibrated_transcoder(model)
     L = model.n_layers
     with torch.no_grad():
@@ -126,8 +125,8 @@ def test_first_order_matches_small_constrained_change(llama):
 
 # ---------------------------------------------------------------------- (c) free mode is an MLP-output patch
 @pytest.mark.parametrize("pos", [None, 4])
-def test_free_equals_decoder_patch_of_mlp_outputs(family, pos):
-    model = tiny_model(family)
+def test_free_equals_decoder_patch_of_mlp_outputs(family, pos, tiny_on):
+    model = tiny_on(family)
     tc = calibrated_transcoder(model)
     s = 1
     with torch.no_grad():
@@ -138,7 +137,8 @@ def test_free_equals_decoder_patch_of_mlp_outputs(family, pos):
         ivs = [Intervention(layer=s, pos=pos, feature=f, value=3.0),
                 Intervention(layer=s, pos=None, feature=g, value=0.5, op="scale")]
         run = run_free(model, tc, clean.ids, ivs)
-        d_f = (3.0 - a) if pos is None else torch.zeros_like(a).index_fill(0, torch.tensor([pos]), 3.0 - a[pos])
+        d_f = (3.0 - a) if pos is None else torch.zeros_like(a).index_fill(
+            0, torch.tensor([pos], device=a.device), 3.0 - a[pos])
         d_f[0] = 0  # BOS carries no features: "every position" means positions 1..T-1
         d_g = -0.5 * clean.acts[s][:, g]
         W = tc.W_dec[s].detach()  # [F, n_out, D]
@@ -176,7 +176,7 @@ def test_generation_steering_and_every_position_semantics(llama):
     out = intervene_generate(model, tc, PROMPT, big, n_tokens=5, mode="free")
     assert out.steered_ids != out.original_ids
     ids = model.tokenize(PROMPT)
-    steered = torch.cat([ids, torch.tensor(out.steered_ids)])
+    steered = torch.cat([ids, torch.tensor(out.steered_ids, device=ids.device)])
     with torch.no_grad():  # the last steered token is what the intervened model predicts after the others
         logits = run_free(model, tc, steered[:-1], big).last_logits
     assert int(logits.argmax()) == out.steered_ids[-1]
@@ -226,7 +226,7 @@ def test_bad_interventions(llama, spec, match):
         intervene(model, tc, PROMPT, spec)
 
 
-def test_bad_options(llama):
+def test_bad_options(llama, tiny_on):
     model, tc = llama
     with pytest.raises(CltraceError, match="unknown mode"):
         intervene(model, tc, PROMPT, ["1:0=1"], mode="sideways")
@@ -239,7 +239,7 @@ def test_bad_options(llama):
     with pytest.raises(CltraceError, match="watch 3:99"):
         intervene(model, tc, PROMPT, ["1:0=1"], watch=["3:99"])
     with pytest.raises(CltraceError, match="do not fit"):
-        intervene(tiny_model("llama", n_layers=2), tc, PROMPT, ["1:0=1"])
+        intervene(tiny_on("llama", n_layers=2), tc, PROMPT, ["1:0=1"])
     with pytest.raises(CltraceError, match="temperature"):
         intervene_generate(model, tc, PROMPT, ["1:0=1"], temperature=-1)
 
@@ -259,21 +259,21 @@ def graph_effects(graph, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def measured_effects(graph, clean, run) -> torch.Tensor:
-    """Change of every row's value between the clean pass and `run`."""
+    """Change of every row's value between the clean pass and `run` (on the CPU, where the graph is)."""
     d_pre = torch.stack([run.pre[l][p, f] - clean.pre[l][p, f] for l, p, f in graph.features.tolist()])
     logits = run.last_logits - run.last_logits.mean() - (clean.last_logits - clean.last_logits.mean())
-    return torch.cat([d_pre, logits[graph.logit_tokens]]).double()
+    return torch.cat([d_pre.cpu(), logits.cpu()[graph.logit_tokens]]).double()
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_graph_edges_predict_constrained_interventions(family):
+def test_graph_edges_predict_constrained_interventions(family, tiny_on):
     from cltrace.attribution import attribute
 
-    model = tiny_model(family)
+    model = tiny_on(family)
     tc = calibrated_transcoder(model)
     graph = attribute(model, tc, PROMPT)
     with torch.no_grad():
-        clean = clean_run(model, tc, graph.input_ids)
+        clean = clean_run(model, tc, graph.input_ids.to(model.device))
     k = int(((graph.features[:, 0] == 1) * graph.activations).argmax())  # the most active layer-1 feature
     layer, pos, f = graph.features[k].tolist()
     a = float(graph.activations[k])
@@ -301,7 +301,7 @@ def test_graph_edges_predict_constrained_interventions(family):
     # and autograd through the engine agrees with the graph for the top logit
     V = clean.last_logits.shape[-1]
     tok = int(graph.logit_tokens[0])
-    demean = torch.full((V,), -1.0 / V)
+    demean = torch.full((V,), -1.0 / V, device=model.device)
     demean[tok] += 1.0
     d_direct, _ = first_order(model, tc, clean, layer, pos, f, logit=demean, held=set(range(model.n_layers)))
     d_total, _ = first_order(model, tc, clean, layer, pos, f, logit=demean)
@@ -312,7 +312,7 @@ def test_graph_edges_predict_constrained_interventions(family):
 
 # ---------------------------------------------------------------------- the CLI
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(tmp_path_factory, device):
     """A tiny model folder, a transcoder folder and a graph file for the same prompt."""
     from cltrace.attribution import attribute
     from cltrace.models.registry import load_model
@@ -321,7 +321,7 @@ def saved(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("iv")
     folder = str(save_tiny("llama", d / "tiny-llama"))
-    model = load_model(folder)
+    model = load_model(folder, device=device)
     tc = calibrated_transcoder(model)
     save_transcoder(tc, d / "tc")
     graph = attribute(model, tc, PROMPT)
@@ -329,14 +329,15 @@ def saved(tmp_path_factory):
     return folder, str(d / "tc"), str(d / "g.safetensors"), graph
 
 
-def test_cli_json(saved, capsys):
+# the CLI runs in this process: --device puts its model and transcoders on the test device
+def test_cli_json(saved, capsys, device):
     import json
 
     from cltrace.cli import main
 
     folder, tcdir, _, graph = saved
     layer, pos, f = graph.features[0].tolist()
-    argv = ["--device", "cpu", "-q", "intervene", PROMPT, "--model", folder, "--transcoders", tcdir,
+    argv = ["--device", str(device), "-q", "intervene", PROMPT, "--model", folder, "--transcoders", tcdir,
             "--set", f"{layer}:{f}@{pos}=0", "--scale", "2:1=2", "--zero", "3:0@-1", "--json", "--top", "3"]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
@@ -347,14 +348,14 @@ def test_cli_json(saved, capsys):
     assert "original:" in text and "steered:" in text and "top token" in text
 
 
-def test_cli_graph_node(saved, capsys):
+def test_cli_graph_node(saved, capsys, device):
     import json
 
     from cltrace.cli import main
 
     folder, tcdir, gfile, graph = saved
     layer, pos, f = graph.features[int(graph.activations.argmax())].tolist()
-    base = ["-q", "intervene", "--model", folder, "--transcoders", tcdir, "--graph", gfile]
+    base = ["--device", str(device), "-q", "intervene", "--model", folder, "--transcoders", tcdir, "--graph", gfile]
     assert main(base + ["--node", f"{layer}_{f}_{pos}", "--constrained-layers", "all", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["prompt"] == PROMPT and out["interventions"][0]["pos"] == pos
@@ -375,10 +376,10 @@ def test_cli_graph_node(saved, capsys):
     (["--set", "3_err_2=0"], "only feature nodes"),
     (["--set", "1:0@0=1"], "start-of-text"),
 ])
-def test_cli_errors_are_one_line(saved, capsys, argv, match):
+def test_cli_errors_are_one_line(saved, capsys, device, argv, match):
     from cltrace.cli import main
 
     folder, tcdir, _, _ = saved
-    assert main(["intervene", PROMPT, "--model", folder, "--transcoders", tcdir] + argv) == 2
+    assert main(["--device", str(device), "intervene", PROMPT, "--model", folder, "--transcoders", tcdir] + argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and match in err

@@ -7,7 +7,7 @@ import torch
 
 from cltrace.errors import CltraceError
 from cltrace.models.adapter import ModelAdapter
-from cltrace.models.tiny import byte_tokenizer, tiny_hf_model, tiny_model
+from cltrace.models.tiny import byte_tokenizer, tiny_hf_model
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 
@@ -83,25 +83,26 @@ def _frozen_map(model, ids, ref, src_layer: int, src_pos: int, dst_layer: int):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "qwen3"])
-def test_frozen_gradients_match_direct_jacobian(family):
-    model = tiny_model(family, dtype=torch.float64)
+def test_frozen_gradients_match_direct_jacobian(family, tiny_on, device):
+    model = tiny_on(family, dtype=torch.float64)
     ids = model.tokenize(PROMPT)[:12]
     with torch.no_grad():
         ref = model.forward(ids)
     f = _frozen_map(model, ids, ref, src_layer=0, src_pos=5, dst_layer=2)
     D = model.d_model
     # autograd through the frozen forward, one backward per output coordinate
-    v = torch.zeros(D, dtype=torch.float64, requires_grad=True)
+    v = torch.zeros(D, dtype=torch.float64, device=device, requires_grad=True)
     out = f(v)
     J_auto = torch.stack([torch.autograd.grad(out[i], v, retain_graph=True)[0] for i in range(D)])
     # direct: central differences of the frozen map, which is linear, so they are exact up to rounding
     eps = 1e-3
     with torch.no_grad():
         J_fd = torch.stack(
-            [(f(eps * e) - f(-eps * e)) / (2 * eps) for e in torch.eye(D, dtype=torch.float64)], dim=1
+            [(f(eps * e) - f(-eps * e)) / (2 * eps) for e in torch.eye(D, dtype=torch.float64, device=device)], dim=1
         )
-        a, b = torch.randn(D, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
-        nonlinearity = (f(a + b) - f(a) - f(b) + f(torch.zeros(D, dtype=torch.float64))).abs().max()
+        a, b = torch.randn(D, dtype=torch.float64).to(device), torch.randn(D, dtype=torch.float64).to(device)
+        zero = torch.zeros(D, dtype=torch.float64, device=device)
+        nonlinearity = (f(a + b) - f(a) - f(b) + f(zero)).abs().max()
     torch.testing.assert_close(J_auto, J_fd, rtol=1e-6, atol=1e-9)
     assert nonlinearity < 1e-9  # frozen: affine in the MLP outputs
     # unfrozen, the same map is not affine: freezing is what makes it linear
@@ -112,7 +113,6 @@ def test_frozen_gradients_match_direct_jacobian(family):
                 y[0, 5] = y[0, 5] + v
             return y
         return model.forward(ids, mlp_hook=hook, stop_at_layer=3).mlp_in[2][0, -1]
-    zero = torch.zeros(D, dtype=torch.float64)
     with torch.no_grad():
         live = (f_live(a + b) - f_live(a) - f_live(b) + f_live(zero)).abs().max()
     assert live > 1e-6
@@ -130,7 +130,7 @@ def test_tokenize_adds_bos_and_checks_length(tiny):
         tiny.tokenize("x" * 600)
 
 
-def test_unsupported_architecture_is_named():
+def test_unsupported_architecture_is_named():  # no computation: CPU only
     from transformers import AutoModelForCausalLM, MistralConfig
 
     cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -140,8 +140,8 @@ def test_unsupported_architecture_is_named():
         ModelAdapter(hf, byte_tokenizer(), "m")
 
 
-def test_bfloat16_forward_close_to_hf():
-    hf = tiny_hf_model("llama", dtype=torch.bfloat16)
+def test_bfloat16_forward_close_to_hf(device):
+    hf = tiny_hf_model("llama", dtype=torch.bfloat16).to(device)
     model = ModelAdapter(hf, byte_tokenizer(), "tiny-llama-bf16")
     ids = model.tokenize(PROMPT)
     with torch.no_grad():

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from cltrace.models.tiny import FAMILY_NAMES, tiny_model
+from cltrace.models.tiny import FAMILY_NAMES
 from cltrace.replacement import build_replacement, random_transcoder
 
 PROMPT = "Fact: Michael Jordan plays the sport of"
 
 
 @pytest.fixture(scope="module", params=FAMILY_NAMES)
-def model(request):
-    return tiny_model(request.param)
+def model(request, tiny_on):
+    return tiny_on(request.param)
 
 
 @pytest.mark.parametrize("kind", ["clt", "plt"])

@@ -20,9 +20,11 @@ from cltrace.transcoders.io import load_transcoder
 from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
 
 L, D, F = 3, 8, 16
+# Transcoders and data are made on the CPU from seeds and then moved to the test's --device (conftest.py), so
+# every device starts from the same numbers; training runs on the device through TrainConfig.device.
 
 
-def make_tc(kind="clt", activation="jumprelu", skip=False, seed=0, **kw) -> Transcoder:
+def make_tc(kind="clt", activation="jumprelu", skip=False, seed=0, device="cpu", **kw) -> Transcoder:
     torch.manual_seed(seed)
     tc = Transcoder(TranscoderConfig(kind=kind, n_layers=L, d_model=D, n_features=F, activation=activation,
                                      k=kw.pop("k", 3), skip=skip, bandwidth=kw.pop("bandwidth", 0.3)))
@@ -31,56 +33,58 @@ def make_tc(kind="clt", activation="jumprelu", skip=False, seed=0, **kw) -> Tran
         tc.b_dec.normal_()
         if skip:
             tc.W_skip.normal_(std=0.1)
-    return tc
+    return tc.to(device)
 
 
-def synthetic(n=512, seed=0, noise=0.05):
+def synthetic(n=512, seed=0, noise=0.05, device="cpu"):
     """x [n, L, D] and y = a sparse-ish nonlinear function of x, so a transcoder can learn it."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, L, D, generator=g) * torch.tensor([1.0, 3.0, 0.5])[None, :, None]
     W = torch.randn(L, D, D, generator=g) / math.sqrt(D)
     y = torch.relu(torch.einsum("nld,lde->nle", x, W)) * torch.tensor([2.0, 0.5, 1.0])[None, :, None]
-    return x, y + noise * torch.randn(n, L, D, generator=g)
+    y = y + noise * torch.randn(n, L, D, generator=g)
+    return x.to(device), y.to(device)
 
 
-def cfg_for(tmp_path, name="run", **kw) -> TrainConfig:
+def cfg_for(tmp_path, name="run", device="cpu", **kw) -> TrainConfig:
     base = dict(kind="clt", features_per_layer=F, tokens=64 * 30, batch_size=64, out=str(tmp_path / name),
-                progress=False, log_every=5, checkpoint_every=10, init_l0=4, norm_tokens=256, lr=3e-3)
+                progress=False, log_every=5, checkpoint_every=10, init_l0=4, norm_tokens=256, lr=3e-3,
+                device=str(device))
     base.update(kw)
     return TrainConfig(**base)
 
 
 # ---------------------------------------------------------------------- losses
-def test_loss_formulas_match_direct_computation():
+def test_loss_formulas_match_direct_computation(device):
     torch.manual_seed(0)
     N = 5
-    recon, y = torch.randn(N, L, D), torch.randn(N, L, D)
-    var = torch.rand(L) + 0.5
+    recon, y = torch.randn(N, L, D).to(device), torch.randn(N, L, D).to(device)
+    var = (torch.rand(L) + 0.5).to(device)
     total, nmse = reconstruction_loss(recon, y, var)
     direct = [sum(((recon[n, l] - y[n, l]) ** 2).sum() for n in range(N)) / N / var[l] for l in range(L)]
     assert torch.allclose(nmse, torch.stack(direct), atol=1e-5)
     assert torch.allclose(total, torch.stack(direct).sum(), atol=1e-5)
 
-    acts = torch.relu(torch.randn(N, L, F))
-    norms = torch.rand(L, F)
+    acts = torch.relu(torch.randn(N, L, F)).to(device)
+    norms = torch.rand(L, F).to(device)
     c = 2.5
     direct = sum(math.tanh(c * norms[l, i] * acts[n, l, i]) for n in range(N) for l in range(L) for i in range(F)) / N
     assert tanh_sparsity(acts, norms, c).item() == pytest.approx(direct, rel=1e-5)
 
-    pre, theta = torch.randn(N, L, F), torch.rand(L, F)
+    pre, theta = torch.randn(N, L, F).to(device), torch.rand(L, F).to(device)
     direct = sum(max(0.0, theta[l, i] - pre[n, l, i]) * norms[l, i]
                  for n in range(N) for l in range(L) for i in range(F)) / N
     assert preact_loss(pre, theta, norms).item() == pytest.approx(float(direct), rel=1e-5)
 
 
-def test_decoder_norm_concatenates_target_layers():
-    tc = make_tc()
+def test_decoder_norm_concatenates_target_layers(device):
+    tc = make_tc(device=device)
     for s in range(L):
         want = torch.cat([tc.W_dec[s][:, t] for t in range(L - s)], dim=1).norm(dim=1)
         assert torch.allclose(tc.decoder_norms()[s], want)
 
 
-def test_schedules():
+def test_schedules():  # plain numbers: no device
     assert lr_factor(0, 100, 0.1, "cosine", 0.1) == pytest.approx(0.1)
     assert lr_factor(9, 100, 0.1, "cosine", 0.1) == pytest.approx(1.0)
     assert lr_factor(99, 100, 0.1, "cosine", 0.1) == pytest.approx(0.1)
@@ -90,9 +94,9 @@ def test_schedules():
 
 
 # ---------------------------------------------------------------------- STE and sparse decode
-def test_threshold_gradient_only_near_threshold():
-    pre = torch.linspace(-1, 2, 61)
-    theta = torch.tensor(0.5, requires_grad=True)
+def test_threshold_gradient_only_near_threshold(device):
+    pre = torch.linspace(-1, 2, 61).to(device)
+    theta = torch.tensor(0.5, device=device, requires_grad=True)
     bw = 0.2
     out = jumprelu(pre, theta, bw)
     grads = [torch.autograd.grad(out[i], theta, retain_graph=True)[0].item() for i in range(len(pre))]
@@ -105,9 +109,9 @@ def test_threshold_gradient_only_near_threshold():
 
 @pytest.mark.parametrize("kind,activation,skip", [("clt", "jumprelu", False), ("plt", "jumprelu", True),
                                                    ("clt", "topk", False), ("clt", "relu", False)])
-def test_sparse_decode_equals_dense_in_value_and_gradient(kind, activation, skip):
-    tc = make_tc(kind, activation, skip)
-    x, y = synthetic(32)
+def test_sparse_decode_equals_dense_in_value_and_gradient(kind, activation, skip, device):
+    tc = make_tc(kind, activation, skip, device=device)
+    x, y = synthetic(32, device=device)
     results = []
     for sparse in (True, False):
         tc.zero_grad()
@@ -130,19 +134,19 @@ def test_sparse_decode_equals_dense_in_value_and_gradient(kind, activation, skip
 
 
 @pytest.mark.parametrize("kind,activation", [("clt", "topk"), ("clt", "batchtopk"), ("plt", "batchtopk")])
-def test_listed_encoder_gradient_equals_dense_autograd(kind, activation):
+def test_listed_encoder_gradient_equals_dense_autograd(kind, activation, device):
     """TopK/BatchTopK training takes the encoder's gradient at the active entries only (sparse products);
     it must equal plain autograd through the dense pre-activations and a dense decode."""
     from cltrace.training.distributed import Dist
     from cltrace.training.sharding import sharded_forward
 
-    tc = make_tc(kind, activation, skip=True).train()
-    x, y = synthetic(48, seed=3)
+    tc = make_tc(kind, activation, skip=True, device=device).train()
+    x, y = synthetic(48, seed=3, device=device)
     results = []
     for listed in (True, False):
         tc.zero_grad()
         if listed:
-            fwd = sharded_forward(tc, x, Dist(), sparse="always")
+            fwd = sharded_forward(tc, x, Dist(device=device), sparse="always")
             pre, acts, recon = fwd.pre, fwd.acts, fwd.recon
             assert not pre.requires_grad  # the listed path was taken
         else:
@@ -159,29 +163,30 @@ def test_listed_encoder_gradient_equals_dense_autograd(kind, activation):
         assert torch.allclose(g1[name], g2[name], atol=1e-4, rtol=1e-4), name
 
 
-def test_batch_topk_cutoff_is_exact_on_the_sampled_path():
+def test_batch_topk_cutoff_is_exact_on_the_sampled_path(device):
+    """(On a GPU the cut-off is always the full top-k: the same exactness is checked there.)"""
     from cltrace.transcoders.activations import batch_topk_cutoff
 
     torch.manual_seed(0)
     N, Lk, Fk, k = 1024, 2, 256, 16  # k·N = 16384: large enough for the 1/16-subsample bound
-    pre = torch.randn(N, Lk, Fk)
+    pre = torch.randn(N, Lk, Fk).to(device)
     pre[:, 1] = pre[:, 1].abs() ** 3  # another distribution
     exact = pre.transpose(0, 1).reshape(Lk, -1).topk(k * N, dim=-1).values[:, -1]
     assert torch.equal(batch_topk_cutoff(pre, k), exact)
     # large values only where the subsample never looks: the bound fails and the full top-k answers
-    hidden = torch.randn(N, Lk, Fk)
+    hidden = torch.randn(N, Lk, Fk).to(device)
     flat = hidden.transpose(0, 1).reshape(Lk, -1)
-    flat[:, torch.arange(flat.shape[1]) % 16 != 0] += 100.0
+    flat[:, (torch.arange(flat.shape[1]) % 16 != 0).to(device)] += 100.0
     hidden = flat.reshape(Lk, N, Fk).transpose(0, 1)
     exact = flat.topk(k * N, dim=-1).values[:, -1]
     assert torch.equal(batch_topk_cutoff(hidden, k), exact)
 
 
 # ---------------------------------------------------------------------- normalization
-def test_folded_normalization_gives_identical_reconstructions():
-    tc = make_tc("clt", "jumprelu", skip=True)
-    x, _ = synthetic(16)
-    xs, ys = torch.tensor([0.5, 3.0, 1.5]), torch.tensor([2.0, 0.25, 4.0])
+def test_folded_normalization_gives_identical_reconstructions(device):
+    tc = make_tc("clt", "jumprelu", skip=True, device=device)
+    x, _ = synthetic(16, device=device)
+    xs, ys = torch.tensor([0.5, 3.0, 1.5], device=device), torch.tensor([2.0, 0.25, 4.0], device=device)
     with torch.no_grad():
         _, r_norm = tc(x / xs[:, None])
         tc.fold_normalization(xs, ys)
@@ -189,9 +194,9 @@ def test_folded_normalization_gives_identical_reconstructions():
     assert torch.allclose(r_norm * ys[:, None], r_raw, atol=1e-5)
 
 
-def test_trained_transcoder_acts_on_raw_activations(tmp_path):
-    x, y = synthetic(512)
-    cfg = cfg_for(tmp_path, tokens=64 * 4)
+def test_trained_transcoder_acts_on_raw_activations(tmp_path, device):
+    x, y = synthetic(512, device=device)
+    cfg = cfg_for(tmp_path, tokens=64 * 4, device=device)
     trainer = Trainer(cfg, InMemoryActivations(x, y))
     trainer.initialize()
     trainer.run()
@@ -201,24 +206,24 @@ def test_trained_transcoder_acts_on_raw_activations(tmp_path):
         _, r_norm = trainer.tc(x[:32] / trainer.x_scale[:, None])
         _, r_raw = folded(x[:32])
     assert torch.allclose(r_norm * trainer.y_scale[:, None], r_raw, atol=1e-4)
-    assert (trainer.x_scale - torch.tensor([1.0, 3.0, 0.5])).abs().max() < 0.2  # estimated from the data
-    loaded = load_transcoder(cfg.out)
+    assert (trainer.x_scale.cpu() - torch.tensor([1.0, 3.0, 0.5])).abs().max() < 0.2  # estimated from the data
+    loaded = load_transcoder(cfg.out, device=device)
     assert torch.equal(loaded.W_enc, folded.W_enc)
 
 
 # ---------------------------------------------------------------------- training
 @pytest.mark.parametrize("kind,activation,k", [("clt", "jumprelu", 0), ("plt", "topk", 3), ("clt", "batchtopk", 3)])
-def test_training_decreases_the_loss(tmp_path, kind, activation, k):
-    x, y = synthetic(1024)
+def test_training_decreases_the_loss(tmp_path, kind, activation, k, device):
+    x, y = synthetic(1024, device=device)
     cfg = cfg_for(tmp_path, kind=kind, activation=activation, k=k, tokens=128 * 40, batch_size=128, sparsity=1e-4,
-                  lr=1e-2, auxk=1 / 32 if k else 0.0)
+                  lr=1e-2, auxk=1 / 32 if k else 0.0, device=device)
     train(cfg, source=InMemoryActivations(x, y), model_name="synthetic")
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert rows[-1]["nmse"] < 0.75 * rows[0]["nmse"] and rows[-1]["nmse"] < 0.7
     assert all(k in rows[-1] for k in ("nmse_layers", "l0_layers", "dead_fraction", "dense_fraction", "recon"))
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
     assert (tmp_path / "run" / "train_config.yaml").exists()
-    tc = load_transcoder(tmp_path / "run")
+    tc = load_transcoder(tmp_path / "run", device=device)
     assert tc.cfg.model_name == "synthetic" and tc.cfg.extra["training"]["steps"] == 40
     if activation == "batchtopk":  # inference uses the learned threshold: about k features per token
         acts, _ = tc(x[:256])
@@ -226,10 +231,10 @@ def test_training_decreases_the_loss(tmp_path, kind, activation, k):
 
 
 @pytest.mark.parametrize("activation,k", [("jumprelu", 0), ("batchtopk", 3)])
-def test_resume_equals_uninterrupted(tmp_path, activation, k):
-    x, y = synthetic(512)
-    full = train(cfg_for(tmp_path, "a", activation=activation, k=k), source=InMemoryActivations(x, y))
-    cfg_b = cfg_for(tmp_path, "b", activation=activation, k=k)
+def test_resume_equals_uninterrupted(tmp_path, activation, k, device):
+    x, y = synthetic(512, device=device)
+    full = train(cfg_for(tmp_path, "a", activation=activation, k=k, device=device), source=InMemoryActivations(x, y))
+    cfg_b = cfg_for(tmp_path, "b", activation=activation, k=k, device=device)
     train(cfg_b, source=InMemoryActivations(x, y), until_step=10)  # "interrupted" after a checkpoint at 10
     assert latest_checkpoint(checkpoint_root(cfg_b.out)).name == "step-000000010"
     # the optimizer's moments are saved in their parameters' shapes, whatever the memory layout it stepped in
@@ -249,13 +254,13 @@ def test_resume_equals_uninterrupted(tmp_path, activation, k):
     assert [r["step"] for r in a] == [r["step"] for r in b]
     assert a[-1]["loss"] == pytest.approx(b[-1]["loss"], rel=1e-5)
     with pytest.raises(CltraceError, match="different training config"):
-        train(cfg_for(tmp_path, "b", lr=1.0, activation=activation, k=k), source=InMemoryActivations(x, y),
-              resume=True)
+        train(cfg_for(tmp_path, "b", lr=1.0, activation=activation, k=k, device=device),
+              source=InMemoryActivations(x, y), resume=True)
 
 
-def test_checkpoint_holds_no_pickle(tmp_path):
-    x, y = synthetic(256)
-    train(cfg_for(tmp_path), source=InMemoryActivations(x, y), until_step=10)
+def test_checkpoint_holds_no_pickle(tmp_path, device):
+    x, y = synthetic(256, device=device)
+    train(cfg_for(tmp_path, device=device), source=InMemoryActivations(x, y), until_step=10)
     path = latest_checkpoint(checkpoint_root(tmp_path / "run"))
     assert sorted(p.name for p in path.iterdir()) == ["state.json", "state.safetensors"]
     tensors, meta = load_checkpoint(path)
@@ -275,9 +280,9 @@ class NaNAfter(InMemoryActivations):
             yield x, y
 
 
-def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
-    x, y = synthetic(512)
-    cfg = cfg_for(tmp_path)
+def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path, device):
+    x, y = synthetic(512, device=device)
+    cfg = cfg_for(tmp_path, device=device)
     with pytest.raises(TrainingDiverged, match=r"step 13: the loss became nan.*step-000000010.*step 10"):
         train(cfg, source=NaNAfter(x, y, bad_batch=13))
     path = latest_checkpoint(checkpoint_root(cfg.out))
@@ -287,7 +292,7 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
     assert not (tmp_path / "run" / "transcoder.safetensors").exists()
 
 
-def test_config_files_and_overrides(tmp_path):
+def test_config_files_and_overrides(tmp_path):  # config files only: no device
     cfg = TrainConfig(kind="plt", lr=1e-4, betas=(0.8, 0.9))
     cfg.save(tmp_path / "c.yaml")
     assert TrainConfig.load(tmp_path / "c.yaml") == cfg
@@ -303,7 +308,7 @@ def test_config_files_and_overrides(tmp_path):
 
 
 # ---------------------------------------------------------------------- evaluation
-def relu_gpt2():
+def relu_gpt2(device="cpu"):
     """A tiny GPT-2 whose MLP is ReLU(x W_in + b_in) W_out + b_out: exactly a PLT with ReLU features."""
     from transformers import AutoModelForCausalLM
 
@@ -317,15 +322,15 @@ def relu_gpt2():
     with torch.no_grad():
         for p in hf.parameters():
             p.mul_(4.0) if p.dim() > 1 else p.add_(0.1 * torch.randn_like(p))
-    return ModelAdapter(hf, byte_tokenizer(), "relu-gpt2")
+    return ModelAdapter(hf.to(device), byte_tokenizer(), "relu-gpt2")
 
 
-def test_perfect_transcoder_gives_zero_ce_increase():
-    model = relu_gpt2()
+def test_perfect_transcoder_gives_zero_ce_increase(device):
+    model = relu_gpt2(device)
     mlps = [b.mlp for b in model.blocks]
     F4 = mlps[0].c_fc.weight.shape[1]
     tc = Transcoder(TranscoderConfig(kind="plt", n_layers=model.n_layers, d_model=model.d_model, n_features=F4,
-                                     activation="relu", model_name=model.name))
+                                     activation="relu", model_name=model.name), device=device)
     with torch.no_grad():
         for l, m in enumerate(mlps):
             tc.W_enc[l].copy_(m.c_fc.weight)  # Conv1D weights are [in, out]
@@ -346,29 +351,30 @@ def test_perfect_transcoder_gives_zero_ce_increase():
 
 
 # ---------------------------------------------------------------------- CLI
-def test_cli_train_eval_round_trip(tmp_path, capsys):
+def test_cli_train_eval_round_trip(tmp_path, capsys, device):
+    """In this process: --device puts the CLI's model, training and evaluation on the test device."""
     from cltrace.cli import main
     from cltrace.models.tiny import save_tiny
 
     model_dir = save_tiny("llama", tmp_path / "tiny")
     out = tmp_path / "tc"
-    rc = main(["-q", "train", "--model", str(model_dir), "--kind", "clt", "-F", "32", "--tokens", "1024",
-               "--batch-size", "256", "--out", str(out), "--context-len", "64", "--set", "shuffle_buffer=512",
-               "--set", "norm_tokens=256"])
+    rc = main(["--device", str(device), "-q", "train", "--model", str(model_dir), "--kind", "clt", "-F", "32",
+               "--tokens", "1024", "--batch-size", "256", "--out", str(out), "--context-len", "64",
+               "--set", "shuffle_buffer=512", "--set", "norm_tokens=256"])
     assert rc == 0 and (out / "transcoder.safetensors").exists() and (out / "train_config.yaml").exists()
     capsys.readouterr()
-    assert main(["eval", str(out), "--model", str(model_dir), "--tokens", "256", "--context-len", "64",
-                 "--json"]) == 0
+    assert main(["--device", str(device), "eval", str(out), "--model", str(model_dir), "--tokens", "256",
+                 "--context-len", "64", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     for key in ("nmse", "explained_variance", "l0", "dead_fraction", "ce_increase", "kl", "top1_agreement",
                 "nmse_layers", "l0_layers"):
         assert key in res
     assert len(res["nmse_layers"]) == 4 and 0 <= res["top1_agreement"] <= 1
     # resume of a finished run is a no-op that leaves the result in place
-    assert main(["-q", "train", "--out", str(out), "--resume", "--model", str(model_dir)]) == 0
+    assert main(["--device", str(device), "-q", "train", "--out", str(out), "--resume", "--model", str(model_dir)]) == 0
 
 
-def test_cli_errors_are_one_liners(tmp_path, capsys):
+def test_cli_errors_are_one_liners(tmp_path, capsys):  # refused before any computation: no device
     from cltrace.cli import main
 
     assert main(["train", "--activation", "topk", "--out", str(tmp_path / "x")]) == 2
@@ -377,11 +383,11 @@ def test_cli_errors_are_one_liners(tmp_path, capsys):
     assert "no transcoder folder" in capsys.readouterr().err
 
 
-def test_batchtopk_inference_keeps_about_k_after_a_short_run(tmp_path):
+def test_batchtopk_inference_keeps_about_k_after_a_short_run(tmp_path, device):
     """The inference threshold is the (bias-corrected) mean training cut-off, whatever it started from."""
-    x, y = synthetic(1024)
+    x, y = synthetic(1024, device=device)
     k = 3
-    cfg = cfg_for(tmp_path, activation="batchtopk", k=k, tokens=128 * 5, batch_size=128, lr=1e-2)
+    cfg = cfg_for(tmp_path, activation="batchtopk", k=k, tokens=128 * 5, batch_size=128, lr=1e-2, device=device)
     trainer = Trainer(cfg, InMemoryActivations(x, y))
     trainer.initialize()
     with torch.no_grad():
@@ -394,14 +400,14 @@ def test_batchtopk_inference_keeps_about_k_after_a_short_run(tmp_path):
     assert 0.5 * k < (acts != 0).sum(-1).float().mean() < 2 * k
 
 
-def test_a_checkpoint_loads_as_the_transcoder_of_its_step(tmp_path):
+def test_a_checkpoint_loads_as_the_transcoder_of_its_step(tmp_path, device):
     """`load_transcoder(RUN/checkpoints/step-N)` (so `eval` and `trace`) gives what the run saves at step N."""
-    x, y = synthetic(512)
+    x, y = synthetic(512, device=device)
     for kind, skip in (("clt", False), ("plt", True)):
-        cfg = cfg_for(tmp_path, f"{kind}", kind=kind, skip=skip, tokens=64 * 20, checkpoint_every=20)
+        cfg = cfg_for(tmp_path, f"{kind}", kind=kind, skip=skip, tokens=64 * 20, checkpoint_every=20, device=device)
         final = train(cfg, source=InMemoryActivations(x, y))  # the last checkpoint is written at the last step
         ckpt = latest_checkpoint(checkpoint_root(cfg.out))
-        back = load_transcoder(ckpt)
+        back = load_transcoder(ckpt, device=device)
         assert back.cfg.kind == kind and back.cfg.extra["training"]["steps"] == 20
         for (n, p), (_, q) in zip(final.named_parameters(), back.named_parameters()):
             assert torch.equal(p, q), n
@@ -410,11 +416,11 @@ def test_a_checkpoint_loads_as_the_transcoder_of_its_step(tmp_path):
         load_transcoder(ckpt)
 
 
-def test_loaded_batchtopk_transcoder_uses_its_thresholds(tmp_path):
+def test_loaded_batchtopk_transcoder_uses_its_thresholds(tmp_path, device):
     """A loaded transcoder is in eval mode: BatchTopK applies its learned thresholds, not the batch's top k·N."""
-    x, y = synthetic(512)
-    train(cfg_for(tmp_path, "b", activation="batchtopk", k=2), source=InMemoryActivations(x, y))
-    tc = load_transcoder(tmp_path / "b")
+    x, y = synthetic(512, device=device)
+    train(cfg_for(tmp_path, "b", activation="batchtopk", k=2, device=device), source=InMemoryActivations(x, y))
+    tc = load_transcoder(tmp_path / "b", device=device)
     assert not tc.training
     with torch.no_grad():
         one = tc(x[:1])[0]
@@ -423,7 +429,7 @@ def test_loaded_batchtopk_transcoder_uses_its_thresholds(tmp_path):
     assert torch.equal(one != 0, many != 0) and torch.allclose(one, many, atol=1e-5)
 
 
-def test_keep_freed_memory_sets_glibc_malloc_and_can_be_turned_off(monkeypatch):
+def test_keep_freed_memory_sets_glibc_malloc_and_can_be_turned_off(monkeypatch):  # host malloc: CPU only
     import sys
 
     from cltrace.runtime import keep_freed_memory
@@ -434,16 +440,16 @@ def test_keep_freed_memory_sets_glibc_malloc_and_can_be_turned_off(monkeypatch):
     assert keep_freed_memory() is sys.platform.startswith("linux")  # glibc's mallopt accepted both settings
 
 
-def test_a_loaded_transcoder_has_the_modules_memory_layout_and_computes_bit_for_bit(tmp_path):
+def test_a_loaded_transcoder_has_the_modules_memory_layout_and_computes_bit_for_bit(tmp_path, device):
     """Loading copies into the module's own layout (target-major W_dec): the same floating-point operations in the
     same order as the saved one, so a resumed or reloaded run does not drift by rounding."""
     from cltrace.transcoders.io import save_transcoder
 
-    tc = make_tc("clt", "batchtopk", skip=True).eval()
-    loaded = load_transcoder(save_transcoder(tc, tmp_path / "tc"))
+    tc = make_tc("clt", "batchtopk", skip=True, device=device).eval()
+    loaded = load_transcoder(save_transcoder(tc, tmp_path / "tc"), device=device)
     for s in range(L):
         assert loaded.W_dec[s].stride() == tc.W_dec[s].stride() and not tc.W_dec[s].is_contiguous() or s == L - 1
-    x, _ = synthetic(64, seed=5)
+    x, _ = synthetic(64, seed=5, device=device)
     with torch.no_grad():
         a1, r1 = tc(x)
         a2, r2 = loaded(x)
