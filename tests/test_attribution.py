@@ -131,14 +131,15 @@ def test_max_feature_nodes_keeps_rows_exact(setup):
     assert g.n_features == 10 and g.meta["n_active_features"] == full.n_features
     # dropped features are folded into errors, so every row still sums to its value
     assert torch.allclose(g.edges.sum(1) + g.row_constant, g.row_value, atol=1e-4, rtol=1e-5)
-    # the kept features are among the most influential ones of the full graph
+    # the kept features are the most influential ones of the full graph: measured ranks 0-10 of 48 for the 10
+    # kept (the cap ranks by influence estimated while rows arrive); a random choice would average rank ~23
     from cltrace.attribution.prune import influence, normalize_rows
 
     inf = influence(normalize_rows(full.edges), full.rows, full.logit_weights())[: full.n_features]
     kept = {tuple(r) for r in g.features.tolist()}
     ranks = [i for i, r in enumerate(inf.argsort(descending=True).tolist())
              if tuple(full.features[r].tolist()) in kept]
-    assert sum(ranks) / len(ranks) < full.n_features / 2
+    assert len(ranks) == 10 and max(ranks) < 15, ranks
 
 
 def test_explicit_and_contrast_targets(tiny_on):
@@ -235,4 +236,5 @@ def test_plan_batches_covers_every_row_once():  # batch planning is host-side bo
 
     def cost(bs):  # much cheaper than batches in the given order
         return sum((len(b) + 3) * (max(keys[i][0] for i in b) + 1) * (max(keys[i][1] for i in b) + 1) for b in bs)
-    assert cost(batches) < 0.8 * cost([list(range(i, min(i + 32, 500))) for i in range(0, 500, 32)])
+    # measured 0.45 of the cost of batches in the given order (seeded keys: deterministic)
+    assert cost(batches) < 0.55 * cost([list(range(i, min(i + 32, 500))) for i in range(0, 500, 32)])
