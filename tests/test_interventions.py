@@ -334,15 +334,39 @@ def test_cli_json(saved, capsys, device):
     import json
 
     from cltrace.cli import main
+    from cltrace.models.registry import load_model
+    from cltrace.transcoders.io import load_transcoder
 
     folder, tcdir, _, graph = saved
+    model, tc = load_model(folder, device=device), load_transcoder(tcdir, device=device)
+    # set a graph node to 0, double an active layer-2 feature everywhere, and zero a layer-3 feature active at the
+    # last position after those two, so that each of the three changes the result
     layer, pos, f = graph.features[0].tolist()
+    last = graph.n_pos - 1
+    with torch.no_grad():
+        clean = clean_run(model, tc, model.tokenize(PROMPT))
+        for f2 in sorted({ff for ll, _, ff in graph.features.tolist() if ll == 2}):
+            ivs = [Intervention(layer=layer, pos=pos, feature=f, value=0.0),
+                   Intervention(layer=2, pos=None, feature=f2, value=2.0, op="scale")]
+            two = run_constrained(model, tc, clean, ivs)
+            if two.acts[3][last].any():
+                break
+        f3 = int(two.acts[3][last].argmax())
+        ivs.append(Intervention(layer=3, pos=last, feature=f3, value=0.0))
+        run = run_constrained(model, tc, clean, ivs)
+    assert two.acts[3][last, f3] > 0 and run.acts[3][last, f3] == 0
     argv = ["--device", str(device), "-q", "intervene", PROMPT, "--model", folder, "--transcoders", tcdir,
-            "--set", f"{layer}:{f}@{pos}=0", "--scale", "2:1=2", "--zero", "3:0@-1", "--json", "--top", "3"]
+            "--set", f"{layer}:{f}@{pos}=0", "--scale", f"2:{f2}=2", "--zero", f"3:{f3}@-1", "--json", "--top", "3"]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"logits_before", "logits_after", "features", "interventions"} <= set(out)
     assert set(out["logits_after"][0]) >= {"token", "prob"} and len(out["logits_after"]) == 3
+    # the distributions before and after are the clean and the constrained run of the same changes, run here
+    after = torch.softmax(run.last_logits.float(), -1).topk(3)
+    before = torch.softmax(clean.last_logits.float(), -1).topk(3)
+    assert [r["id"] for r in out["logits_after"]] == after.indices.tolist()
+    assert [r["prob"] for r in out["logits_after"]] == pytest.approx(after.values.tolist(), rel=1e-5)
+    assert [r["prob"] for r in out["logits_before"]] == pytest.approx(before.values.tolist(), rel=1e-5)
     assert main(argv[:-3] + ["--generate", "4", "--temperature", "0.8", "--seed", "1"]) == 0
     text = capsys.readouterr().out
     assert "original:" in text and "steered:" in text and "top token" in text
