@@ -5,7 +5,7 @@ import torch
 
 from cltrace.attribution import Graph, attribute
 from cltrace.errors import CltraceError
-from cltrace.models.tiny import FAMILY_NAMES
+from cltrace.models.tiny import FAMILY_NAMES, tiny_model
 from cltrace.replacement import build_replacement, random_transcoder
 
 PROMPT = "Fact: Michael Jordan plays the sport of"
@@ -115,6 +115,19 @@ def test_single_edges_equal_perturbation_effects(setup, kind):
         for r in feat_rows[:25].tolist():
             change = target_value(g, tc, r, base) - target_value(g, tc, r, pert)
             assert abs(change - float(g.edges[r, s])) < 1e-4 + 1e-4 * abs(change), (s, r)
+
+
+def test_graph_equals_the_cpu_graph(setup):
+    """The same graph computed on the CPU (under --device cpu, the same computation twice)."""
+    import copy
+
+    model, ids, out = setup
+    tc, g = out["clt"]
+    cpu_model = tiny_model(model.name.removeprefix("tiny-"))  # the same weights (tiny_on builds on the CPU)
+    gc = attribute(cpu_model, copy.deepcopy(tc).cpu(), ids.cpu(), batch_size=16)
+    assert torch.equal(g.features, gc.features) and torch.equal(g.logit_tokens, gc.logit_tokens)
+    scale = float(gc.edges.abs().max())
+    assert torch.allclose(g.edges, gc.edges, rtol=1e-3, atol=1e-5 * scale)
 
 
 def test_batch_size_does_not_change_edges(setup):

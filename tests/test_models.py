@@ -7,7 +7,7 @@ import torch
 
 from cltrace.errors import CltraceError
 from cltrace.models.adapter import ModelAdapter
-from cltrace.models.tiny import byte_tokenizer, tiny_hf_model
+from cltrace.models.tiny import byte_tokenizer, tiny_hf_model, tiny_model
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 
@@ -54,6 +54,13 @@ def test_patching_own_outputs_reproduces_logits(tiny):
         broken = tiny.forward(ids, mlp_hook=lambda l, x, y: torch.zeros_like(y) if l == 1 else y)
     torch.testing.assert_close(patched.logits, res.logits, rtol=1e-5, atol=1e-5)
     assert (broken.logits - res.logits).abs().max() > 1e-3  # the hook really replaces the MLP output
+
+
+def test_logits_equal_the_cpu_logits(tiny, family):
+    """The same model on the CPU (under --device cpu, the same computation twice)."""
+    ids = tiny.tokenize(PROMPT)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.logits(ids).cpu(), tiny_model(family).logits(ids.cpu()), rtol=1e-4, atol=1e-4)
 
 
 def test_frozen_mode_same_values(tiny):
