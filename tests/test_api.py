@@ -42,11 +42,11 @@ def test_whole_loop_from_one_import(tmp_path):
     graph = cltrace.attribute(model, tc, prompt)
     pruned = cltrace.prune(graph, node_threshold=0.8, edge_threshold=0.98)
     replacement, completeness = cltrace.scores(graph, pruned)
-    assert 0 <= replacement <= 1 and 0 <= completeness <= 1
     assert int(pruned.node_mask.sum()) < graph.n_nodes
     graph.save(tmp_path / "g.safetensors")
     loaded = cltrace.Graph.load(tmp_path / "g.safetensors")
     assert torch.equal(loaded.edges, graph.edges) and torch.equal(loaded.features, graph.features)
+    assert cltrace.scores(loaded, cltrace.prune(loaded)) == (replacement, completeness)
 
     layer, pos, feature = graph.features[int(graph.activations.argmax())].tolist()  # (layer, pos, feature)
     result = cltrace.intervene(model, tc, prompt, [cltrace.Intervention(layer=layer, pos=pos, feature=feature,
