@@ -1,5 +1,8 @@
 """Export a graph as the JSON that circuit-tracer's local viewer and Neuronpedia read (schema_version 1).
 
+Feature labels: a graph whose meta holds "feature_labels" ({"LAYER:FEATURE": {"label", "source"}}, written by
+`cltrace trace --features DB`) gets each feature node's label in its "clerp", the field both viewers show.
+
 Node ids follow circuit-tracer except for error nodes. circuit-tracer writes "0_{layer}_{pos}" for them,
 which collides with the layer-0 feature "{0}_{feat}_{pos}" whenever feat == layer (its bug §7.4). The
 viewer only uses node_id as an opaque key (links refer to it; nothing parses it), so we write
@@ -31,6 +34,7 @@ def graph_json(graph: Graph, slug: str, pruned: PruneResult | None = None, *, sc
     has_edge = pr.edge_mask.any(0).clone()
     has_edge[graph.rows] |= pr.edge_mask.any(1)
     keep = (pr.node_mask & has_edge) | (graph.kinds() >= 2)
+    labels = graph.meta.get("feature_labels") or {}
     for i in range(graph.n_nodes):
         k = kinds[i]
         base = {"run_idx": 0, "reverse_ctx_idx": 0, "clerp": "", "influence": infl[i], "activation": None,
@@ -38,9 +42,11 @@ def graph_json(graph: Graph, slug: str, pruned: PruneResult | None = None, *, sc
         if k == 0:
             layer, pos, f = graph.features[i].tolist()
             nid = f"{layer}_{f}_{pos}"
+            label = labels.get(f"{layer}:{f}", "")
             base.update(node_id=nid, feature=cantor(layer, f), layer=str(layer), ctx_idx=pos,
                         feature_type="cross layer transcoder", jsNodeId=f"{layer}_{f}-0",
-                        activation=float(graph.activations[i]))
+                        activation=float(graph.activations[i]),
+                        clerp=label.get("label", "") if isinstance(label, dict) else str(label))
         elif k == 1:
             layer, pos = divmod(i - nf, T)
             nid = f"{layer}_err_{pos}"

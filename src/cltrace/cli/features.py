@@ -1,4 +1,4 @@
-"""`cltrace features build|show`: the feature database (cltrace.features)."""
+"""`cltrace features build|show|label|search|export`: the feature database (cltrace.features)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ _REF = re.compile(r"^(\d+):(\d+)$")
 
 
 def add_parser(sub, name: str) -> None:
-    p = sub.add_parser(name, help="the feature database: build it over a corpus, show a feature",
+    p = sub.add_parser(name, help="the feature database: build, show, label, search, export features",
                        description="Per-feature statistics over a corpus (frequency, histogram, top and quantile "
                                    "examples, promoted / suppressed / input tokens, labels) in one SQLite file.")
     fsub = p.add_subparsers(dest="features_command", metavar="ACTION", required=True)
@@ -44,6 +44,41 @@ def add_parser(sub, name: str) -> None:
     s.add_argument("--png", metavar="FILE", help="also draw the card into this PNG")
     s.set_defaults(run=run_show)
 
+    lab = fsub.add_parser("label", help="write a person's label for a feature (an empty label removes it)",
+                          description="Write a person's label for LAYER:FEATURE. It survives rebuilds of the "
+                                      "database and wins over automatic and language-model labels.")
+    lab.add_argument("feature", help="LAYER:FEATURE, e.g. 12:345")
+    lab.add_argument("label", help='the label, e.g. "Michael Jordan" ("" removes the label)')
+    lab.add_argument("--db", required=True, help="the feature database")
+    lab.add_argument("--note", default="", help="a longer note kept with the label")
+    lab.add_argument("--author", help="who wrote it (default: your user name)")
+    lab.set_defaults(run=run_label)
+
+    se = fsub.add_parser("search", help="features by label text, then by token",
+                         description="Features whose label (a person's, a language model's, then the automatic "
+                                     "one) contains TEXT, then features with TEXT as a token at a top example, "
+                                     "among the promoted tokens or among the input tokens (case and surrounding "
+                                     "spaces ignored).")
+    se.add_argument("text")
+    se.add_argument("--db", required=True, help="the feature database")
+    se.add_argument("--limit", type=int, default=50, help="at most N features (default 50)")
+    se.add_argument("--json", action="store_true", help="print one JSON list")
+    se.set_defaults(run=run_search)
+
+    ex = fsub.add_parser("export", help="feature files for circuit-tracer's viewer or Neuronpedia",
+                         description="Write the features as circuit-tracer's feature files ({index}.json, and "
+                                     "index.json.gz + layer_L.bin for its local server's features_dir) or as "
+                                     "Neuronpedia dashboard batches ({layer}-{name}/batch-N.json).")
+    ex.add_argument("--db", required=True, help="the feature database")
+    ex.add_argument("--format", required=True, choices=["circuit-tracer", "neuronpedia"])
+    ex.add_argument("--out", "-o", required=True, help="folder to write into")
+    ex.add_argument("--features", help="only these: LAYER:FEATURE or LAYER:*, comma-separated (default: all)")
+    ex.add_argument("--name", help="transcoder id (circuit-tracer) / sae_set (Neuronpedia) (default: KIND-SHA256[:8])")
+    ex.add_argument("--model-id", help="Neuronpedia model id (default: the database's model)")
+    ex.add_argument("--batch-size", type=int, default=128, help="features per Neuronpedia batch file (default 128)")
+    ex.add_argument("--no-binary", action="store_true", help="circuit-tracer: only the {index}.json files")
+    ex.set_defaults(run=run_export)
+
 
 def run_build(args, ctx) -> int:
     from cltrace.errors import CltraceError
@@ -67,16 +102,22 @@ def run_build(args, ctx) -> int:
     return 0
 
 
-def run_show(args, ctx) -> int:
+def _ref(text: str) -> tuple[int, int]:
     from cltrace.errors import CltraceError
+
+    m = _REF.match(text.strip())
+    if not m:
+        raise CltraceError(f"cannot read feature {text!r}: write LAYER:FEATURE, e.g. 12:345")
+    return int(m.group(1)), int(m.group(2))
+
+
+def run_show(args, ctx) -> int:
     from cltrace.features import FeatureDB
     from cltrace.features.show import card_text, save_card_png
 
-    m = _REF.match(args.feature.strip())
-    if not m:
-        raise CltraceError(f"cannot read feature {args.feature!r}: write LAYER:FEATURE, e.g. 12:345")
+    layer, f = _ref(args.feature)
     with FeatureDB.open(args.db) as db:
-        card = db.feature(int(m.group(1)), int(m.group(2)))
+        card = db.feature(layer, f)
     if args.png:
         save_card_png(card, args.png)
         ctx.log(f"wrote {args.png}")
@@ -85,3 +126,47 @@ def run_show(args, ctx) -> int:
     else:
         print(card_text(card, color=sys.stdout.isatty()))
     return 0
+
+
+def run_label(args, ctx) -> int:
+    from cltrace.features import FeatureDB
+
+    layer, f = _ref(args.feature)
+    with FeatureDB.open(args.db) as db:
+        db.set_label(layer, f, args.label, note=args.note, author=args.author)
+        now = db.label(layer, f)
+    ctx.log(f"{layer}:{f}: {now}" if args.label.strip() else f"{layer}:{f}: label removed (now: {now})")
+    return 0
+
+
+def run_search(args, ctx) -> int:
+    from dataclasses import asdict
+
+    from cltrace.features import FeatureDB
+
+    with FeatureDB.open(args.db) as db:
+        hits = db.search(args.text, limit=args.limit)
+    if args.json:
+        print(json.dumps([{"id": f"{h.layer}:{h.feature}", **asdict(h)} for h in hits], ensure_ascii=False))
+        return 0
+    if not hits:
+        ctx.log(f"no feature matches {args.text!r}")
+    for h in hits:
+        print(f"{h.layer}:{h.feature}\t{h.why}\t{h.label}")
+    return 0
+
+
+def run_export(args, ctx) -> int:
+    from cltrace.features import FeatureDB
+    from cltrace.features.export import export_circuit_tracer, export_neuronpedia
+
+    with FeatureDB.open(args.db) as db:
+        if args.format == "circuit-tracer":
+            out = export_circuit_tracer(db, args.out, args.features, transcoder_id=args.name,
+                                        binary=not args.no_binary, progress=not ctx.quiet)
+        else:
+            out = export_neuronpedia(db, args.out, args.features, model_id=args.model_id, sae_set=args.name,
+                                     batch_size=args.batch_size, progress=not ctx.quiet)
+    ctx.log(f"wrote {args.format} feature files into {out}")
+    return 0
+

@@ -32,6 +32,12 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--export-json", metavar="DIR", help="also write the viewer JSON (circuit-tracer / Neuronpedia)")
     p.add_argument("--slug", help="graph name in the viewer (with --export-json)")
+    p.add_argument("--scan", help="the viewer's name of the transcoder set (with --export-json; default: the model). "
+                                  "circuit-tracer's local server reads feature files from its features_dir for a "
+                                  "scan that starts with '/'; see `cltrace features export`")
+    p.add_argument("--features", metavar="DB", help="feature database (`cltrace features build`) of these "
+                                                    "transcoders: label the graph's features (saved in the graph's "
+                                                    "meta and as the viewer JSON's clerp)")
     p.add_argument("--png", metavar="FILE", help="also draw the pruned graph into this PNG")
     p.set_defaults(run=run)
 
@@ -44,6 +50,8 @@ def run(args, ctx) -> int:
 
     if args.export_json and not args.slug:
         raise CltraceError("--export-json needs --slug NAME (the graph's name in the viewer)")
+    if args.features and not args.transcoders:
+        raise CltraceError("--features needs the transcoders the database was built for (-t DIR), not random ones")
     for name in ("node_threshold", "edge_threshold"):
         if not 0 < getattr(args, name) <= 1:
             raise CltraceError(f"--{name.replace('_', '-')} must be in (0, 1]")
@@ -60,12 +68,28 @@ def run(args, ctx) -> int:
 
         tc = random_transcoder(model, args.random_kind, args.random_transcoders, args.random_active, ids=ids)
         tc = tc.to(dtype=ctx.dtype)
+    db = None
+    if args.features:
+        from cltrace.features import FeatureDB
+
+        db = FeatureDB.open(args.features)
+        try:
+            db.check_fits(tc, model)
+        except BaseException:
+            db.close()
+            raise
     load_s = time.perf_counter() - t0
     targets = (args.target or []) + [tuple(c) for c in (args.contrast or [])]
     graph = attribute(model, tc, ids, targets=targets or None, max_feature_nodes=args.max_features,
                       batch_size=args.batch_size, log=None if args.json else ctx.log)
     t1 = time.perf_counter()
     pr = prune(graph, args.node_threshold, args.edge_threshold)
+    if db is not None:
+        from cltrace.features.export import feature_labels
+
+        with db:
+            graph.meta["feature_labels"] = feature_labels(db, graph.features[:, [0, 2]].tolist())
+            graph.meta["features_db"] = {"path": str(args.features), "transcoder_sha256": db.meta["transcoder_sha256"]}
     rep_u, comp_u = scores(graph)
     rep_p, comp_p = scores(graph, pr)
     prune_s = time.perf_counter() - t1
@@ -79,7 +103,7 @@ def run(args, ctx) -> int:
         from cltrace.attribution.export import export_graph_files
 
         export_graph_files(graph, args.export_json, args.slug, pruned=pr, node_threshold=args.node_threshold,
-                           edge_threshold=args.edge_threshold)
+                           edge_threshold=args.edge_threshold, scan=args.scan)
     if args.png:
         from cltrace.viewer.plot import plot_graph
 
@@ -96,6 +120,7 @@ def run(args, ctx) -> int:
         "completeness_score": {"unpruned": comp_u, "pruned": comp_p},
         "logits": [{"token": lab, "prob": float(p)} for lab, p in zip(graph.logit_labels, graph.logit_probs)],
         "max_logit_error": graph.meta["max_logit_error"],
+        "n_labelled_features": len(graph.meta.get("feature_labels", {})),
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
     }
     if args.json:
@@ -108,6 +133,8 @@ def run(args, ctx) -> int:
     print(f"replacement score: {rep_u:.3f} unpruned, {rep_p:.3f} pruned")
     print(f"completeness score: {comp_u:.3f} unpruned, {comp_p:.3f} pruned")
     print(f"max |logit error| of the replacement model: {graph.meta['max_logit_error']:.2e}")
+    if db is not None:
+        print(f"labels: {summary['n_labelled_features']} features labelled from {args.features}")
     print("top logits:")
     for row in summary["logits"]:
         print(f"  {row['prob']:.4f}  {row['token']!r}")
