@@ -1,4 +1,4 @@
-"""`cltrace features build|show|label|search|export`: the feature database (cltrace.features)."""
+"""`cltrace features build|show|label|search|export|explain`: the feature database (cltrace.features)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ _REF = re.compile(r"^(\d+):(\d+)$")
 
 
 def add_parser(sub, name: str) -> None:
-    p = sub.add_parser(name, help="the feature database: build, show, label, search, export features",
+    p = sub.add_parser(name, help="the feature database: build, show, label, search, export, explain features",
                        description="Per-feature statistics over a corpus (frequency, histogram, top and quantile "
                                    "examples, promoted / suppressed / input tokens, labels) in one SQLite file.")
     fsub = p.add_subparsers(dest="features_command", metavar="ACTION", required=True)
@@ -78,6 +78,26 @@ def add_parser(sub, name: str) -> None:
     ex.add_argument("--batch-size", type=int, default=128, help="features per Neuronpedia batch file (default 128)")
     ex.add_argument("--no-binary", action="store_true", help="circuit-tracer: only the {index}.json files")
     ex.set_defaults(run=run_export)
+
+    xp = fsub.add_parser("explain", help="labels by a language model (OpenAI-compatible endpoint), resumable",
+                         description="Ask an OpenAI-compatible chat-completions endpoint for a short label of each "
+                                     "feature that fired and has no label, and store it with author llm:MODEL. A "
+                                     "person's label always wins. Run it again to continue after an interruption.")
+    xp.add_argument("--db", required=True, help="the feature database")
+    xp.add_argument("--url", required=True, help="the endpoint, e.g. http://127.0.0.1:8000/v1 (/chat/completions "
+                                                 "is added unless the URL ends with it)")
+    xp.add_argument("--model", required=True, help="model name sent to the endpoint")
+    xp.add_argument("--key-env", default="OPENAI_API_KEY",
+                    help="environment variable holding the API key (default OPENAI_API_KEY; '' for none)")
+    xp.add_argument("--features", help="only these: LAYER:FEATURE or LAYER:*, comma-separated (default: all)")
+    xp.add_argument("--limit", type=int, help="ask about at most N features (the next ones; run again for more)")
+    xp.add_argument("--batch-size", type=int, default=4, help="requests in flight at once (default 4)")
+    xp.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    xp.add_argument("--retries", type=int, default=2, help="retries after HTTP 429/5xx or a network error (default 2)")
+    xp.add_argument("--redo", action="store_true", help="ask again for features a language model labelled")
+    xp.add_argument("--print-prompt", action="store_true",
+                    help="print the prompt of the first feature to ask about and stop (contacts nothing)")
+    xp.set_defaults(run=run_explain)
 
 
 def run_build(args, ctx) -> int:
@@ -170,3 +190,26 @@ def run_export(args, ctx) -> int:
     ctx.log(f"wrote {args.format} feature files into {out}")
     return 0
 
+
+def run_explain(args, ctx) -> int:
+    from cltrace.features import FeatureDB
+    from cltrace.features.explain import SYSTEM, explain_features, feature_prompt, to_explain
+
+    with FeatureDB.open(args.db) as db:
+        if args.print_prompt:
+            todo, _ = to_explain(db, args.features, redo=args.redo)
+            if not todo:
+                ctx.log("every feature asked for has a label (or never fired): nothing to ask")
+                return 0
+            card = db.feature(*todo[0])
+            print(f"[system]\n{SYSTEM}\n\n[user]\n"
+                  f"{feature_prompt(card, n_layers=db.n_layers, kind=db.meta['transcoder']['kind'])}")
+            return 0
+        report = explain_features(db, url=args.url, model=args.model, features=args.features, limit=args.limit,
+                                  key_env=args.key_env, batch_size=args.batch_size, timeout=args.timeout,
+                                  retries=args.retries, redo=args.redo, progress=not ctx.quiet,
+                                  log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    ctx.log(f"{report.written} labels written ({report.asked} answers, {report.empty} empty, {report.kept_human} "
+            f"kept a person's label); skipped {report.skipped_labelled} labelled and {report.skipped_dead} never "
+            f"active" + (f"; {report.remaining} left for a later run" if report.remaining else ""))
+    return 0

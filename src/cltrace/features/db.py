@@ -12,7 +12,8 @@ Tables (see SCHEMA):
     tokens          id -> the token as text (and lower-cased, stripped, for search)
     feature_tokens  (token_id, kind, layer, feature): 'act' a token at a top example, 'out' a top promoted
                     token, 'in' a top input token; the index behind search by token
-    labels          (layer, feature) -> label, note, author, updated_at: what people wrote
+    labels          (layer, feature) -> label, note, author, updated_at: what people wrote, and explanations by
+                    a language model (author "llm:<model>", features.explain), which never replace a person's
 
 A rebuild replaces everything except `labels`: people's labels survive new statistics (`save_database`).
 Blobs are little-endian. The primary keys index one feature and many features at once (a graph's).
@@ -42,6 +43,7 @@ from cltrace.features.stats import Summary
 
 SCHEMA_VERSION = 1
 SEARCH_TOKENS = 5  # promoted and input tokens per feature listed in feature_tokens
+LLM_AUTHOR = "llm:"  # labels written by a language model (features.explain) have author "llm:<model>"
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -103,7 +105,7 @@ class FeatureCard:
     layer: int
     feature: int
     label: str  # the person's label, else the automatic one
-    label_source: str  # "human" or "auto"
+    label_source: str  # "human", "llm" (an explanation by a language model, author "llm:<model>") or "auto"
     auto_label: str
     note: str
     author: str
@@ -264,8 +266,9 @@ class FeatureDB:
         R = self.meta["n_ranges"]
         ranges = [QuantileRange(max_act * r / R, max_act * (r + 1) / R, quant[r]) for r in range(R)]
         human = label is not None and label[0] != ""
+        source = ("llm" if label[2].startswith(LLM_AUTHOR) else "human") if human else "auto"
         return FeatureCard(
-            layer=layer, feature=f, label=label[0] if human else auto, label_source="human" if human else "auto",
+            layer=layer, feature=f, label=label[0] if human else auto, label_source=source,
             auto_label=auto, note=label[1] if label else "", author=label[2] if label else "",
             updated_at=label[3] if label else "", frequency=freq, count=count, max_act=max_act, mean_act=mean_act,
             histogram=np.frombuffer(hist, dtype="<i8").tolist(), bin_edges=self.bin_edges(), top=top,
@@ -328,7 +331,7 @@ class FeatureDB:
                 self.conn.execute("DELETE FROM labels WHERE layer = ? AND feature = ?", (layer, feature))
 
     def label(self, layer: int, feature: int) -> str:
-        """The person's label, else the automatic one."""
+        """The person's label, else a language model's explanation, else the automatic label."""
         self._check_ref(layer, feature)
         with sqlite_errors(self.path):
             row = self.conn.execute("SELECT label FROM labels WHERE layer = ? AND feature = ?",

@@ -63,7 +63,7 @@ def card_text(card: FeatureCard, *, color: bool = False) -> str:
     lines = [f"feature {card.id}  {card.label or '(no label)'}  [{card.label_source}]"]
     if card.note:
         lines.append(f"  note: {card.note}")
-    if card.label_source == "human" and card.auto_label:
+    if card.label_source != "auto" and card.auto_label:
         lines.append(f"  automatic label: {card.auto_label}")
     seen = f" of {card.tokens_seen} tokens" if card.tokens_seen else ""
     lines.append(f"frequency {card.frequency:.4%} ({card.count}{seen})   max {card.max_act:.4g}   "
