@@ -32,6 +32,11 @@ def add_parser(sub, name: str) -> None:
     b.add_argument("--ranges", type=int, default=8, help="activation ranges for quantile examples (default 8)")
     b.add_argument("--per-range", type=int, default=4, help="examples per range (default 4)")
     b.add_argument("--checkpoint-every", type=int, default=200, help="save the pass every N batches (default 200)")
+    b.add_argument("--coactivation", type=int, default=0, metavar="M",
+                   help="also keep each feature's M strongest co-activation partners, same or later layer (for "
+                        "global weights; default 0: off)")
+    b.add_argument("--coact-tokens", type=int, default=0, metavar="N",
+                   help="measure co-activation on N random tokens per batch (default 0: all)")
     b.add_argument("--out", "-o", required=True, help="the database to write (e.g. FEATURES.db)")
     b.add_argument("--resume", action="store_true", help="continue the interrupted build of --out")
     b.set_defaults(run=run_build)
@@ -115,7 +120,7 @@ def run_build(args, ctx) -> int:
         model, tc, corpus=args.corpus, n_tokens=int(args.tokens), context_len=args.context_len,
         batch_size=args.batch_size, out=args.out, resume=args.resume, top_k=args.top_k, window=tuple(args.window),
         n_ranges=args.ranges, per_range=args.per_range, checkpoint_every=args.checkpoint_every,
-        progress=not ctx.quiet, split=args.split,
+        progress=not ctx.quiet, split=args.split, coactivation=args.coactivation, coact_tokens=args.coact_tokens,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),  # even with -q: how to resume after Ctrl-C
     )
     ctx.log(f"wrote {out}")

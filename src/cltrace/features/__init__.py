@@ -6,23 +6,23 @@
     export_circuit_tracer(db, DIR)         circuit-tracer's feature files; export_neuronpedia(db, DIR): dashboards
     explain_features(db, url=, model=)     labels by a language model (OpenAI-compatible endpoint), resumable
 
-Modules, one job each: stats (the pass: frequencies, histograms, top-k and quantile examples with windows),
-effects (promoted / suppressed / input tokens from the weights), labels (automatic labels), db (the SQLite
-file), build (the pass end to end, checkpoints), show (a card as text or PNG), export (viewer feature files),
-explain (labels by a language model).
+Modules, one job each: stats (the pass: frequencies, histograms, top-k and quantile examples with windows,
+optional co-activation), effects (promoted / suppressed / input tokens from the weights), labels (automatic
+labels), db (the SQLite file), build (the pass end to end, checkpoints), show (a card as text or PNG), export
+(viewer feature files), explain (labels by a language model).
 This package sits above interventions and below the viewer and the CLI.
 """
 
 from cltrace.features.build import build_features
-from cltrace.features.db import Example, FeatureCard, FeatureDB, QuantileRange, SearchHit, TokenValue
+from cltrace.features.db import Coactivation, Example, FeatureCard, FeatureDB, QuantileRange, SearchHit, TokenValue
 from cltrace.features.effects import Effects, input_effects, output_effects
 from cltrace.features.explain import ExplainReport, explain_features
 from cltrace.features.export import export_circuit_tracer, export_neuronpedia
 from cltrace.features.labels import auto_label
-from cltrace.features.stats import FeatureStats, Summary
+from cltrace.features.stats import CoactStats, FeatureStats, Summary
 
 __all__ = [
-    "Effects", "Example", "ExplainReport", "FeatureCard", "FeatureDB", "FeatureStats", "QuantileRange", "SearchHit",
-    "Summary", "TokenValue", "auto_label", "build_features", "explain_features", "export_circuit_tracer",
-    "export_neuronpedia", "input_effects", "output_effects",
+    "CoactStats", "Coactivation", "Effects", "Example", "ExplainReport", "FeatureCard", "FeatureDB", "FeatureStats",
+    "QuantileRange", "SearchHit", "Summary", "TokenValue", "auto_label", "build_features", "explain_features",
+    "export_circuit_tracer", "export_neuronpedia", "input_effects", "output_effects",
 ]

@@ -56,8 +56,8 @@ def build_features(
     out: str | os.PathLike, resume: bool = False, top_k: int = 20, window: tuple[int, int] = (16, 8),
     n_ranges: int = 8, per_range: int = 4, checkpoint_every: int = 200, progress: bool = True,
     split: str = "all", seed: int = 0, hist_range: tuple[float, float] = (1e-3, 1e3), hist_bins: int = 48,
-    output_write: str = "last", log: Callable[[str], None] | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    output_write: str = "last", coactivation: int = 0, coact_tokens: int = 0,
+    log: Callable[[str], None] | None = None, on_batch: Callable[[int], None] | None = None,
 ) -> Path:
     """Build the feature database of transcoder `tc` on `model` at `out` (see the module docstring).
 
@@ -65,13 +65,16 @@ def build_features(
     n_tokens: about how many tokens (ceil(n_tokens / context_len) contexts, fewer if the corpus ends).
     top_k, window (before, after), n_ranges, per_range, hist_range, hist_bins: see `features.stats`.
     output_write: "last" or "sum" (see `features.effects`). log: where messages go (default: stderr).
+    coactivation: M > 0 also keeps, per feature, its M strongest co-activation partners in the same or later
+    layers (`features.stats.CoactStats`); coact_tokens: n > 0 measures them on n random tokens per batch.
     on_batch(batches_done): called after each batch (progress for a caller; raising KeyboardInterrupt there
     stops the build like Ctrl-C does).
     """
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     _check_settings(n_tokens=n_tokens, context_len=context_len, batch_size=batch_size, top_k=top_k,
                     window=window, n_ranges=n_ranges, per_range=per_range, checkpoint_every=checkpoint_every,
-                    hist_range=hist_range, hist_bins=hist_bins, output_write=output_write)
+                    hist_range=hist_range, hist_bins=hist_bins, output_write=output_write,
+                    coactivation=coactivation, coact_tokens=coact_tokens)
     tc = tc.eval()
     check_fits(tc, model)
     out = Path(out)
@@ -83,10 +86,12 @@ def build_features(
         "context_len": context_len, "batch_size": batch_size, "top_k": top_k, "window": list(window),
         "per_bin": per_range, "hist_range": list(hist_range), "hist_bins": hist_bins, "seed": seed,
     }
+    if coactivation:  # only then, so that checkpoints of builds without it still resume
+        settings.update(coactivation=coactivation, coact_tokens=coact_tokens)
     _, _, specials = special_tokens(model.tokenizer)
     stats = FeatureStats(tc.n_layers, tc.n_features, context_len, special_ids=specials, top_k=top_k,
                          window=window, per_bin=per_range, hist_range=hist_range, hist_bins=hist_bins, seed=seed,
-                         device=tc.W_enc.device)
+                         device=tc.W_enc.device, coactivation=coactivation, coact_tokens=coact_tokens)
     part = partial_dir(out)
     position = Position()
     if resume:
@@ -250,6 +255,9 @@ def _check_settings(**s) -> None:
     lo, hi = s["hist_range"]
     if not 0 < lo < hi:
         raise SettingError("hist_range must be (lo, hi) with 0 < lo < hi", ("hist_range",))
+    if s["coactivation"] < 0 or s["coact_tokens"] < 0:
+        raise SettingError("coactivation and coact_tokens must be 0 (off / every token) or more",
+                           ("coactivation", "coact_tokens"))
     if s["output_write"] not in ("last", "sum"):
         raise SettingError("output_write must be 'last' or 'sum'", ("output_write",))
 

@@ -14,6 +14,10 @@ Tables (see SCHEMA):
                     token, 'in' a top input token; the index behind search by token
     labels          (layer, feature) -> label, note, author, updated_at: what people wrote, and explanations by
                     a language model (author "llm:<model>", features.explain), which never replace a person's
+    coactivation    (layer, feature, partner_layer, partner_feature) -> mean_prod (E[a_i a_j] over the tokens
+                    measured), count: the kept partners of each source (build with coactivation=M; else empty)
+    coactivation_sources  (layer, feature) -> total (Σ over all partners of E[a_i a_j]), error (a kept
+                    mean_prod is low by at most this; a pair not kept has E[a_i a_j] ≤ error)
 
 A rebuild replaces everything except `labels`: people's labels survive new statistics (`save_database`).
 Blobs are little-endian. The primary keys index one feature and many features at once (a graph's).
@@ -63,6 +67,14 @@ CREATE INDEX tokens_folded ON tokens (folded);
 CREATE TABLE feature_tokens (
     token_id INTEGER NOT NULL, kind TEXT NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL,
     PRIMARY KEY (token_id, kind, layer, feature)) WITHOUT ROWID;
+CREATE TABLE coactivation (
+    layer INTEGER NOT NULL, feature INTEGER NOT NULL, partner_layer INTEGER NOT NULL,
+    partner_feature INTEGER NOT NULL, mean_prod REAL NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (layer, feature, partner_layer, partner_feature)) WITHOUT ROWID;
+CREATE INDEX coactivation_partner ON coactivation (partner_layer, partner_feature);
+CREATE TABLE coactivation_sources (
+    layer INTEGER NOT NULL, feature INTEGER NOT NULL, total REAL NOT NULL, error REAL NOT NULL,
+    PRIMARY KEY (layer, feature)) WITHOUT ROWID;
 CREATE TABLE labels (
     layer INTEGER NOT NULL, feature INTEGER NOT NULL, label TEXT NOT NULL, note TEXT NOT NULL DEFAULT '',
     author TEXT NOT NULL DEFAULT '', updated_at TEXT NOT NULL,
@@ -130,6 +142,18 @@ class FeatureCard:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Coactivation:
+    """A source feature's kept co-activation partners (same or later layer): E[a_i a_j] over the tokens measured."""
+
+    layer: int
+    feature: int
+    partners: list[tuple[int, int, float, int]]  # (partner layer, partner feature, E[a_i a_j], count), largest first
+    total: float  # Σ over all partners, kept or not, of E[a_i a_j]
+    error: float  # each kept E[a_i a_j] is low by at most this; a pair not kept has E[a_i a_j] ≤ error
+    tokens: int  # tokens the expectations are over
 
 
 @dataclass
@@ -378,6 +402,23 @@ class FeatureDB:
                     hit.label = self.label(hit.layer, hit.feature)
         return list(hits.values())[:limit]
 
+    # ------------------------------------------------------------------ co-activation
+    def coactivation(self, layer: int, feature: int) -> Coactivation:
+        """The co-activation partners of one feature (a database built with coactivation=M)."""
+        self._check_ref(layer, feature)
+        info = self.meta.get("coactivation")
+        if not info:
+            raise CltraceError(f"{self.path} has no co-activation statistics: build it with --coactivation M "
+                               "(`cltrace features build`)")
+        with sqlite_errors(self.path):
+            rows = self.conn.execute("SELECT partner_layer, partner_feature, mean_prod, count FROM coactivation "
+                                     "WHERE layer = ? AND feature = ? ORDER BY mean_prod DESC",
+                                     (layer, feature)).fetchall()
+            src = self.conn.execute("SELECT total, error FROM coactivation_sources WHERE layer = ? AND "
+                                    "feature = ?", (layer, feature)).fetchone()
+        total, error = src if src else (0.0, 0.0)
+        return Coactivation(layer, feature, [tuple(r) for r in rows], total, error, int(info["tokens"]))
+
     # ------------------------------------------------------------------ provenance
     def check_fits(self, tc, model=None) -> None:
         """Raise one CltraceError line when this database was built for other transcoders (or model)."""
@@ -451,6 +492,9 @@ def _write(conn: sqlite3.Connection, s: Summary, e: Effects, *, meta: dict, voca
     meta = {**meta, "n_ranges": R, "per_range": int(s.q_val.shape[3]), "top_k": int(s.top_val.shape[1]),
             "window": list(s.window), "tokens": s.tokens, "n_contexts": int(s.contexts.shape[0]),
             "context_len": T, "final_scale": s.final_scale}
+    if s.coact is not None:
+        meta["coactivation"] = {"top_m": int(s.coact["top_m"]), "tokens": int(s.coact["tokens"]),
+                                "tokens_per_batch": int(s.coact["tokens_per_batch"])}
     conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in sorted(meta.items())])
     conn.executemany("INSERT INTO tokens VALUES (?, ?, ?)",
                      ((i, t, t.strip().lower()) for i, t in enumerate(vocab)))
@@ -504,3 +548,17 @@ def _write(conn: sqlite3.Connection, s: Summary, e: Effects, *, meta: dict, voca
                     yield t, "in", a, f
 
     conn.executemany("INSERT INTO feature_tokens VALUES (?, ?, ?, ?)", token_rows())
+    if s.coact is not None:
+        _write_coactivation(conn, s.coact, F)
+
+
+def _write_coactivation(conn: sqlite3.Connection, c: dict, F: int) -> None:
+    n = max(int(c["tokens"]), 1)
+    partner, mean, count = c["partner"].numpy(), (c["sum"] / n).numpy(), c["count"].numpy()  # [G, M]
+    g, j = np.nonzero(partner >= 0)
+    conn.executemany("INSERT INTO coactivation VALUES (?, ?, ?, ?, ?, ?)", (
+        (int(a // F), int(a % F), int(partner[a, b] // F), int(partner[a, b] % F), float(mean[a, b]),
+         int(count[a, b])) for a, b in zip(g, j)))
+    total, error = (c["total"] / n).numpy(), (c["error"] / n).numpy()
+    conn.executemany("INSERT INTO coactivation_sources VALUES (?, ?, ?, ?)", (
+        (int(a // F), int(a % F), float(total[a]), float(error[a])) for a in np.nonzero(total > 0)[0]))

@@ -35,6 +35,12 @@ smallest of their own bin, so they were kept). Only at range edges, in a fine bi
 is it approximate, at the fine-bin width (a factor 10^(6/48) ≈ 1.33 in value with the defaults): such a bin
 kept its m smallest keys over both sides, so a range may get fewer, or not quite uniform, examples from it.
 
+Co-activation (optional, `coactivation=M`, see `CoactStats`): for pairs of features (i, j) with j in the same
+or a later layer, active at the same token, Σ a_i·a_j and the number of tokens where both fire, kept sparse: per
+source feature i at most M partners, by a weighted Misra-Gries summary over the products (exact while a source
+has at most M partners; otherwise every kept estimate is low by at most that source's `error`, and a pair not
+kept has Σ a_i·a_j ≤ error). `coact_tokens=n` uses n random (non-special) tokens of each batch instead of all.
+
 Resuming: `state_dict()` holds plain tensors only (saved with safetensors), including the state of the
 random generator of the keys and the number of contexts consumed, so a pass that is stopped, saved, loaded
 and continued (same batches in the same order) ends equal to an uninterrupted one.
@@ -78,6 +84,7 @@ class Summary:
     contexts: Tensor  # [n_contexts, T] int32
     final_scale: float  # mean over the tokens of the final norm's 1/rms (1/std) factor
     window: tuple[int, int]  # (before, after)
+    coact: dict | None = None  # CoactStats.summary() when co-activation was measured
 
     @property
     def context_len(self) -> int:
@@ -90,7 +97,7 @@ class FeatureStats:
     def __init__(self, n_layers: int, n_features: int, context_len: int, *, special_ids: set[int] | None = None,
                  top_k: int = 20, window: tuple[int, int] = (16, 8), per_bin: int = 4,
                  hist_range: tuple[float, float] = (1e-3, 1e3), hist_bins: int = 48, seed: int = 0,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", coactivation: int = 0, coact_tokens: int = 0):
         L, F, self.T = n_layers, n_features, context_len
         self.L, self.F = L, F
         self.k, self.window, self.m = top_k, (int(window[0]), int(window[1])), per_bin
@@ -116,6 +123,8 @@ class FeatureStats:
         self.q_win = torch.full((L, F, self.H, self.m, self.W), NAN, dtype=torch.float16, **kw)
         self.contexts: list[Tensor] = []  # int32 [B, T] per batch, on the CPU
         self.rng = torch.Generator().manual_seed(seed)  # the quantile keys (CPU: one stream on any device)
+        self.coact = CoactStats(L, F, coactivation, coact_tokens, seed=seed + 1, device=self.device) \
+            if coactivation > 0 else None
 
     # ------------------------------------------------------------------ the pass
     @torch.no_grad()
@@ -130,10 +139,17 @@ class FeatureStats:
         reads = tc.select_input(trace.resid_mid, trace.mlp_in)  # L × [B, T, D]
         scale = trace.frozen.scales["final"][..., 0].to(self.device)  # [B, T] the final norm's 1/rms
         self.final_scale_sum += float(scale[keep].double().sum())
+        rows = self.coact.sample_rows(keep) if self.coact is not None else None
+        picked = []
         for layer in range(self.L):
             x = reads[layer].reshape(B * T, -1).to(tc.W_enc.dtype)  # [N, D]
             a = tc.activate(tc.pre_acts(x, layer), layer, training=False).float().view(B, T, self.F)
-            self.update_layer(layer, a.to(self.device).masked_fill(~keep[..., None], 0.0), self.n_contexts)
+            a = a.to(self.device).masked_fill(~keep[..., None], 0.0)
+            self.update_layer(layer, a, self.n_contexts)
+            if rows is not None:
+                picked.append(a.view(B * T, self.F)[rows])
+        if rows is not None:
+            self.coact.update(picked)
         self.tokens += int(keep.sum())
         self.contexts.append(ids.to(torch.int32).cpu())
         self.n_contexts += B
@@ -273,6 +289,7 @@ class FeatureStats:
             top_gidx=self.top_gidx.cpu(), top_win=self.top_win.cpu(), q_val=q_val.cpu(), q_gidx=q_gidx.cpu(),
             q_win=q_win.cpu(), contexts=self.context_ids(),
             final_scale=self.mean_final_scale(), window=self.window,
+            coact=self.coact.summary() if self.coact is not None else None,
         )
 
     def mean_final_scale(self) -> float:
@@ -298,6 +315,8 @@ class FeatureStats:
         state["rng_state"] = self.rng.get_state()
         state["scalars"] = torch.tensor([self.tokens, self.n_contexts], dtype=torch.int64)
         state["final_scale_sum"] = torch.tensor([self.final_scale_sum], dtype=torch.float64)
+        if self.coact is not None:
+            state.update({f"coact.{k}": v for k, v in self.coact.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -310,3 +329,158 @@ class FeatureStats:
         self.rng.set_state(state["rng_state"].clone())
         self.tokens, self.n_contexts = (int(v) for v in state["scalars"])
         self.final_scale_sum = float(state["final_scale_sum"][0])
+        if self.coact is not None:
+            self.coact.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("coact.")})
+
+
+# ---------------------------------------------------------------------- co-activation
+class CoactStats:
+    """Sparse co-activation of feature pairs: for source feature i and partner j (same or later layer, j ≠ i),
+    both active at one token, Σ a_i·a_j and the count of such tokens, at most M partners per source.
+
+    Global ids: g = layer·F + feature (G = L·F of them). State, all [G, M] rows sorted by sum, largest first:
+
+        partner   int64, −1 where empty        sum     float64 Σ a_i·a_j (see below)
+        count     int64 tokens where both fire while the pair was kept
+        error     [G] float64: what the summary subtracted from each of source i's kept sums in total
+        total     [G] float64: Σ over every partner (kept or not) of a_i·a_j, exact
+        tokens    tokens seen (sampled ones with `coact_tokens`)
+
+    The summary per source is weighted Misra-Gries, merged once per batch: the batch's pair sums are added to
+    the kept ones; when a source then has more than M partners, the (M+1)-th largest sum is subtracted from
+    all of them and what is not positive is dropped (`error` += that amount). Guarantees, for every pair:
+    kept sum ≤ true sum ≤ kept sum + error[i] (a pair not kept: true ≤ error[i]), and error[i] ≤
+    total[i] / (M + 1). While a source never had more than M partners, its error is 0 and everything is exact.
+
+    Cost per token: k² pairs for k features active across all layers, so `coact_tokens` (sample that many
+    tokens per batch, uniformly, with their own random generator) bounds the time; expectations are then over
+    the sampled tokens. Memory: 24·M bytes per feature for the rows, plus the batch's pairs (`max_pairs` at a
+    time).
+    """
+
+    def __init__(self, n_layers: int, n_features: int, top_m: int, tokens_per_batch: int = 0, *, seed: int = 1,
+                 device: torch.device | str = "cpu", max_pairs: int = 1 << 22):
+        self.L, self.F, self.M = n_layers, n_features, int(top_m)
+        self.G = n_layers * n_features
+        self.tokens_per_batch, self.max_pairs = int(tokens_per_batch), int(max_pairs)
+        self.device = torch.device(device)
+        kw = dict(device=self.device)
+        self.partner = torch.full((self.G, self.M), -1, dtype=torch.int64, **kw)
+        self.sum = torch.zeros(self.G, self.M, dtype=torch.float64, **kw)
+        self.count = torch.zeros(self.G, self.M, dtype=torch.int64, **kw)
+        self.error = torch.zeros(self.G, dtype=torch.float64, **kw)
+        self.total = torch.zeros(self.G, dtype=torch.float64, **kw)
+        self.tokens = 0
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def sample_rows(self, keep: Tensor) -> Tensor:
+        """keep [B, T] bool -> rows of the flattened batch to measure: all kept tokens, or `tokens_per_batch`
+        of them chosen uniformly at random (in increasing order)."""
+        rows = keep.reshape(-1).nonzero()[:, 0]
+        if 0 < self.tokens_per_batch < rows.numel():
+            pick = torch.randperm(rows.numel(), generator=self.rng)[:self.tokens_per_batch].sort().values
+            rows = rows[pick.to(rows.device)]
+        return rows
+
+    @torch.no_grad()
+    def update(self, acts: list[Tensor]) -> None:
+        """acts: L × [n, F], every layer's activations at the same n tokens."""
+        n = acts[0].shape[0]
+        self.tokens += n
+        if n == 0:
+            return
+        tok, gid, val = [], [], []
+        for layer, a in enumerate(acts):
+            t, f = (a > 0).nonzero().unbind(1)
+            tok.append(t)
+            gid.append(layer * self.F + f)
+            val.append(a[t, f].double())
+        tok, gid, val = torch.cat(tok), torch.cat(gid), torch.cat(val)
+        o = gid.sort(stable=True).indices
+        o = o[tok[o].sort(stable=True).indices]  # by token, then by global id (so by layer)
+        tok, gid, val = tok[o], gid[o], val[o]
+        k = torch.bincount(tok, minlength=n)  # [n] active features per token
+        start = k.cumsum(0) - k
+        t0 = 0
+        per_token = k * k
+        while t0 < n:  # tokens in chunks of at most max_pairs pairs (a single token may exceed it), merged each
+            cum = per_token[t0:].cumsum(0)
+            t1 = t0 + max(1, int((cum <= self.max_pairs).sum()))
+            e0, e1 = int(start[t0]), int(start[t1 - 1] + k[t1 - 1])
+            if e1 > e0:
+                keys, prod = self._pairs(tok[e0:e1], gid[e0:e1], val[e0:e1], k[tok[e0:e1]], start[tok[e0:e1]] - e0)
+                if keys.numel():  # one entry per pair and token: _merge adds them up
+                    self._merge(keys // self.G, keys % self.G, prod, torch.ones_like(keys))
+            t0 = t1
+
+    def _pairs(self, tok, gid, val, k, start) -> tuple[Tensor, Tensor]:
+        """Every ordered pair (p, q) of elements at the same token with q's layer ≥ p's and q ≠ p: (key
+        p·G + q, product). k, start: each element's token's count and first element."""
+        m = tok.numel()
+        p = torch.repeat_interleave(torch.arange(m, device=tok.device), k)
+        block = torch.repeat_interleave(k.cumsum(0) - k, k)
+        q = start[p] + torch.arange(p.numel(), device=tok.device) - block
+        layer = gid // self.F
+        ok = (q != p) & (layer[q] >= layer[p])
+        p, q = p[ok], q[ok]
+        prod = val[p] * val[q]
+        self.total.index_add_(0, gid[p], prod)
+        return gid[p] * self.G + gid[q], prod
+
+    def _merge(self, src: Tensor, par: Tensor, w: Tensor, c: Tensor) -> None:
+        """Add a batch's (source, partner, sum, count) entries (repeats allowed) to the kept rows; keep M partners
+        per source."""
+        M, G = self.M, self.G
+        touched = src.unique()  # sorted
+        r, j = (self.partner[touched] >= 0).nonzero().unbind(1)
+        rows = touched[r]
+        src = torch.cat([rows, src])
+        par = torch.cat([self.partner[rows, j], par])
+        w = torch.cat([self.sum[rows, j], w])
+        c = torch.cat([self.count[rows, j], c])
+        key, inv = (src * G + par).unique(return_inverse=True)
+        w = torch.zeros(key.numel(), dtype=torch.float64, device=w.device).index_add_(0, inv, w)
+        c = torch.zeros(key.numel(), dtype=torch.int64, device=c.device).index_add_(0, inv, c)
+        src, par = key // G, key % G
+        o = w.sort(descending=True, stable=True).indices
+        o = o[src[o].sort(stable=True).indices]  # by source, then by sum, largest first
+        src, par, w, c = src[o], par[o], w[o], c[o]
+        first = torch.ones_like(src, dtype=torch.bool)
+        first[1:] = src[1:] != src[:-1]
+        group = first.cumsum(0) - 1  # index into touched (both sorted)
+        rank = torch.arange(src.numel(), device=src.device) - first.nonzero()[:, 0][group]
+        cut = torch.zeros(touched.numel(), dtype=torch.float64, device=w.device)
+        at = rank == M  # the (M+1)-th largest sum of a source with more than M partners
+        cut[group[at]] = w[at]
+        w = w - cut[group]
+        keep = (rank < M) & (w > 0)
+        self.error[touched] += cut
+        self.partner[touched] = -1
+        self.sum[touched] = 0.0
+        self.count[touched] = 0
+        g, rk = touched[group[keep]], rank[keep]
+        self.partner[g, rk], self.sum[g, rk], self.count[g, rk] = par[keep], w[keep], c[keep]
+
+    def summary(self) -> dict:
+        """CPU tensors and numbers for the database: partner, sum, count, error, total, tokens, top_m."""
+        return {"partner": self.partner.cpu(), "sum": self.sum.cpu(), "count": self.count.cpu(),
+                "error": self.error.cpu(), "total": self.total.cpu(), "tokens": self.tokens, "top_m": self.M,
+                "tokens_per_batch": self.tokens_per_batch}
+
+    _TENSORS = ("partner", "sum", "count", "error", "total")
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {name: getattr(self, name).detach().cpu().contiguous() for name in self._TENSORS}
+        state["rng_state"] = self.rng.get_state()
+        state["tokens"] = torch.tensor([self.tokens], dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for name in self._TENSORS:
+            t = getattr(self, name)
+            if name not in state or tuple(state[name].shape) != tuple(t.shape):
+                got = tuple(state[name].shape) if name in state else "none"
+                raise ValueError(f"coact.{name}: saved shape {got}, expected {tuple(t.shape)}")
+            t.copy_(state[name])
+        self.rng.set_state(state["rng_state"].clone())
+        self.tokens = int(state["tokens"][0])
