@@ -38,7 +38,7 @@ User message (`feature_prompt`), for feature 12:345 of an 18-layer CLT:
     ...                                                 (the top `n_top` examples, default 10)
 
     Examples from lower activation ranges:
-    - (3.20) ... << Jordan>> ...                        (up to `per_range` examples from each activation
+    - (3.2) ... << Jordan>> ...                         (up to `per_range` examples from each activation
     ...                                                  range with examples, highest first; default 2)
 
     Tokens it promotes: " basketball", " NBA", ...     (the top 10 output effects, JSON-quoted)
