@@ -273,10 +273,14 @@ def export_circuit_tracer(db: FeatureDB | str | os.PathLike, out_dir: str | os.P
                 starts[card.layer][card.feature] = f.tell()
                 record = zlib.compress(text.encode("utf-8"))
                 f.write(struct.pack("<I", len(record)) + record)
-        finally:
+        except BaseException:
             for layer, f in files.items():
-                starts[layer][F] = f.tell()
                 f.close()
+                (out / f"layer_{layer}.bin.tmp").unlink(missing_ok=True)
+            raise
+        for layer, f in files.items():
+            starts[layer][F] = f.tell()
+            f.close()
         if binary:
             index = []
             for layer in range(db.n_layers):
