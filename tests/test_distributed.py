@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
+import weakref
 from pathlib import Path
 
 import pytest
@@ -306,6 +308,33 @@ def test_failure_on_rank1_stops_rank0_with_its_message(tmp_path):
     assert "bad batch on purpose" in results[1]["error"]
     assert results[0]["error"].startswith("RankFailure: rank 1: ValueError: bad batch on purpose")
     assert time.monotonic() - t0 < 60
+
+
+class SlowStore:
+    """A c10d store whose calls take a while with the GIL released, as a TCPStore round trip does."""
+
+    def __init__(self):
+        self.inside = threading.Event()
+
+    def check(self, keys) -> bool:
+        self.inside.set()
+        time.sleep(0.3)
+        return False
+
+
+def test_failure_guard_ends_its_watchdog_on_exit(monkeypatch):
+    """Leaving the guard ends its watchdog thread, even one inside a store call, so that the thread never
+    holds the last reference to the Dist: freed by that daemon thread while the interpreter shut down, the
+    process groups' destructor aborted a good torchrun run ("terminate called without an active exception")."""
+    store = SlowStore()
+    monkeypatch.setattr("cltrace.training.distributed._default_store", lambda: store)
+    d = Dist(rank=1, world=2)
+    with FailureGuard(d, poll_s=0.01) as guard:
+        assert store.inside.wait(10)  # the watchdog is now inside a store call
+    assert not guard._thread.is_alive()
+    alive = weakref.ref(d)
+    del d, guard
+    assert alive() is None  # freed here, by the main thread
 
 
 def test_merge_shards_cli_and_load_transcoder_reads_shards(tmp_path):

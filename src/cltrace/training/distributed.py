@@ -403,6 +403,13 @@ class FailureGuard:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._stop.set()
+        if self._thread is not None:
+            # Wait for the watchdog to end here. Left running, it could outlive the main thread: its target
+            # (this guard -> Dist -> DeviceMesh -> process groups) can be the last reference to the groups,
+            # whose C++ destructor it would then run, GIL released, while the interpreter shuts down; taking
+            # the GIL back then ends the thread with pthread_exit through a noexcept destructor:
+            # std::terminate, "terminate called without an active exception", SIGABRT after a good run.
+            self._thread.join(timeout=self.grace_s)
         self.d.guard = None
         if exc is None or self.store is None or isinstance(exc, RankFailure):
             return False
