@@ -142,7 +142,7 @@ def build_features(
         raise CltraceError(f"corpus {corpus_name(corpus)} ({split} split) has no context of {context_len} tokens: "
                            "use a larger corpus or a shorter context_len")
     _save_checkpoint(part, stats, settings, position)  # the pass is never lost to a failure below
-    effects = compute_effects(model, tc, stats.mean_final_scale(), write=output_write)
+    effects = compute_effects(model, tc, stats.mean_final_scale(), write=output_write, progress=progress)
     summary = stats.summary(n_ranges, per_range)
     meta = {
         "model": model.name, "corpus": corpus_name(corpus), "split": split, "settings": settings,
@@ -160,10 +160,11 @@ def build_features(
     return out
 
 
-def compute_effects(model, tc, final_scale: float, *, n: int = 10, write: str = "last") -> Effects:
+def compute_effects(model, tc, final_scale: float, *, n: int = 10, write: str = "last",
+                    progress: bool = False) -> Effects:
     """Output and input effects of every feature (see `features.effects`)."""
-    ot_i, ot_v, ob_i, ob_v = output_effects(model, tc, final_scale, n=n, write=write)
-    in_i, in_v = input_effects(model, tc, n=n)
+    ot_i, ot_v, ob_i, ob_v = output_effects(model, tc, final_scale, n=n, write=write, progress=progress)
+    in_i, in_v = input_effects(model, tc, n=n, progress=progress)
     return Effects(ot_i, ot_v, ob_i, ob_v, in_i, in_v, final_scale, write)
 
 

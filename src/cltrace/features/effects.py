@@ -83,18 +83,27 @@ def frozen_final_norm(model, h: Tensor, scale: float) -> Tensor:
 
 @torch.no_grad()
 def output_effects(model, tc, final_scale: float, *, n: int = 10, write: str = "last",
-                   max_elements: int = 1 << 25) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   max_elements: int = 1 << 25, progress: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(top ids, top values, bottom ids, bottom values), each [L, F, n]: the tokens each feature's decoder write
     promotes and suppresses most (see the module docstring)."""
     ok = listable_tokens(model).to(model.device)
     W_U = model.W_U  # [V, D]
     per_layer = []
-    for layer in range(tc.n_layers):
+    for layer in _layers(tc, progress, "output effects"):
         h = frozen_final_norm(model, decoder_write(tc, layer, write).to(model.device), final_scale)  # [F, D]
-        per_layer.append(_extremes_over_vocab(lambda ids, h=h: h @ W_U[ids].float().T, ok, n, h.shape[0],
+        per_layer.append(_extremes_over_vocab(lambda lo, hi, h=h: h @ W_U[lo:hi].float().T, ok, n, h.shape[0],
                                               max_elements, bottom=True))
     top_ids, top_vals, bot_ids, bot_vals = (torch.stack([r[i] for r in per_layer]).cpu() for i in range(4))
     return top_ids, top_vals, bot_ids, bot_vals
+
+
+def _layers(tc, progress: bool, what: str):
+    """range(L), with a progress bar (layers/s, ETA) when asked: the effects cost F·V·D per layer."""
+    if not progress:
+        return range(tc.n_layers)
+    from tqdm import tqdm  # a dependency; imported here so that importing this module stays light
+
+    return tqdm(range(tc.n_layers), desc=what, unit="layer", leave=False)
 
 
 def token_inputs(model, tc, layer: int, ids: Tensor) -> Tensor:
@@ -107,13 +116,15 @@ def token_inputs(model, tc, layer: int, ids: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def input_effects(model, tc, *, n: int = 10, max_elements: int = 1 << 25) -> tuple[Tensor, Tensor]:
+def input_effects(model, tc, *, n: int = 10, max_elements: int = 1 << 25,
+                  progress: bool = False) -> tuple[Tensor, Tensor]:
     """(ids, values), each [L, F, n]: the tokens whose embeddings give each feature its highest pre-activation."""
     ok = listable_tokens(model).to(model.device)
     ids_out, vals_out = [], []
-    for layer in range(tc.n_layers):
-        def pre(ids: Tensor, layer: int = layer) -> Tensor:  # [F, c]
-            x = token_inputs(model, tc, layer, ids.to(model.device)).to(tc.W_enc.device)
+    for layer in _layers(tc, progress, "input effects"):
+        def pre(lo: int, hi: int, layer: int = layer) -> Tensor:  # [F, c]
+            ids = torch.arange(lo, hi, device=model.device)
+            x = token_inputs(model, tc, layer, ids).to(tc.W_enc.device)
             return (x @ tc.W_enc[layer] + tc.b_enc[layer]).float().T.to(model.device)
 
         i, v = _extremes_over_vocab(pre, ok, n, tc.n_features, max_elements)
@@ -124,18 +135,24 @@ def input_effects(model, tc, *, n: int = 10, max_elements: int = 1 << 25) -> tup
 
 def _extremes_over_vocab(score, ok: Tensor, n: int, n_rows: int, max_elements: int, *,
                          bottom: bool = False) -> tuple[Tensor, ...]:
-    """The n largest (and with `bottom` the n smallest) of score(ids) [rows, c] over the listable vocabulary
-    ids, a chunk of ids at a time: (ids [rows, n], values [rows, n]) sorted from the extreme, once or twice."""
-    cand = ok.nonzero()[:, 0]  # [V'] listable ids
+    """The n largest (and with `bottom` the n smallest) of score(lo, hi) [rows, hi − lo] over the listable ids,
+    a contiguous chunk of the vocabulary at a time (a slice of the unembedding, no gathered copy; ids that are
+    not listable are masked): (ids [rows, n], values [rows, n]) sorted from the extreme, once or twice."""
+    V = ok.numel()
     chunk = max(1, max_elements // max(n_rows, 1))
     best = [(torch.full((n_rows, 0), -torch.inf, device=ok.device),
              torch.zeros(n_rows, 0, dtype=torch.int64, device=ok.device)) for _ in range(1 + bottom)]
-    for c0 in range(0, cand.numel(), chunk):
-        ids = cand[c0:c0 + chunk]
-        s = score(ids)  # [rows, c]
+    for lo in range(0, V, chunk):
+        hi = min(V, lo + chunk)
+        if not ok[lo:hi].any():
+            continue
+        s = score(lo, hi)  # [rows, c]
+        masked = ~ok[lo:hi]
+        ids = torch.arange(lo, hi, device=ok.device)
         for j, sign in enumerate((1.0, -1.0)[:1 + bottom]):
-            v = torch.cat([best[j][0], sign * s], 1)
-            i = torch.cat([best[j][1], ids.expand(n_rows, -1)], 1)
+            v = (sign * s).masked_fill_(masked, -torch.inf)
+            top_v, k = v.topk(min(n, v.shape[1]), dim=1)  # the chunk's best, then merged with the running best
+            v, i = torch.cat([best[j][0], top_v], 1), torch.cat([best[j][1], ids[k]], 1)
             top_v, k = v.topk(min(n, v.shape[1]), dim=1)  # sorted, largest first
             best[j] = (top_v, i.gather(1, k))
     out = (best[0][1], best[0][0])
