@@ -18,11 +18,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
+from peak import Peak  # benchmarks/peak.py (the script's folder is on sys.path)
 
 from cltrace.runtime import tune_cpu_memory
 
@@ -32,28 +32,6 @@ CT_PY = "/tmp/ct-venv/bin/python"
 CT_REF = "/work/shared/reference/circuit-tracer/run_reference.py"
 HERE = Path(__file__).parent
 GEMMA = "/tmp/ct-models/gemma-cltrace"
-
-
-class Peak:
-    """Peak RSS of this process while the block runs (sampled every 20 ms)."""
-
-    def __enter__(self):
-        import psutil
-
-        self.p, self.peak, self.stop = psutil.Process(), 0, threading.Event()
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-        return self
-
-    def _run(self):
-        while not self.stop.is_set():
-            self.peak = max(self.peak, self.p.memory_info().rss)
-            time.sleep(0.02)
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.t.join()
-        self.peak = max(self.peak, self.p.memory_info().rss)
 
 
 def ensure_gemma_folder() -> str:

@@ -35,39 +35,17 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
+from peak import Peak  # benchmarks/peak.py (the script's folder is on sys.path)
 
 from cltrace.runtime import tune_cpu_memory
 
 tune_cpu_memory()  # the CLI's CPU memory settings, before the first tensor is allocated
 
 CONTEXT_LEN = 128
-
-
-class Peak:
-    """Peak RSS of this process while the block runs (sampled every 20 ms)."""
-
-    def __enter__(self):
-        import psutil
-
-        self.p, self.peak, self.stop = psutil.Process(), 0, threading.Event()
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-        return self
-
-    def _run(self):
-        while not self.stop.is_set():
-            self.peak = max(self.peak, self.p.memory_info().rss)
-            time.sleep(0.02)
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.t.join()
-        self.peak = max(self.peak, self.p.memory_info().rss)
 
 
 class Timed:

@@ -52,37 +52,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
+from peak import Peak  # benchmarks/peak.py (the script's folder is on sys.path)
 
 SAED_PY = "/tmp/saed-venv/bin/python"
 CONTEXT_LEN = 128
 TL_NAME = "google/gemma-3-270m"
-
-
-class Peak:
-    """Peak RSS of this process while the block runs (sampled every 20 ms)."""
-
-    def __enter__(self):
-        import psutil
-
-        self.p, self.peak, self.stop = psutil.Process(), 0, threading.Event()
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-        return self
-
-    def _run(self):
-        while not self.stop.is_set():
-            self.peak = max(self.peak, self.p.memory_info().rss)
-            time.sleep(0.02)
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.t.join()
-        self.peak = max(self.peak, self.p.memory_info().rss)
 
 
 # ====================================================================== SAEDashboard side (its own venv)
