@@ -179,7 +179,21 @@ class FeatureStats:
             self._update_reservoir(layer, n, f, v, bins, windows, ctx0 * T)
 
     def _update_top(self, layer: int, flat: Tensor, windows, g0: int) -> None:
-        """Merge the batch's k largest activations per feature into the running top-k ([k, F] per layer)."""
+        """Merge the batch's k largest activations per feature into the running top-k ([k, F] per layer).
+
+        Only features whose batch maximum beats their running k-th value can change (an equal value loses to the
+        earlier one), so only those are merged: once the top-k fill up, that is few of them per batch."""
+        cand = (flat.max(0).values > self.top_val[layer][-1]).nonzero()[:, 0]  # [c] features that can change
+        if cand.numel() == 0:
+            return
+        if cand.numel() < flat.shape[1]:
+            sub = flat[:, cand]
+            self._merge_top(layer, sub, lambda n, f: windows(n, cand[f]), g0, cand)
+        else:
+            self._merge_top(layer, flat, windows, g0, None)
+
+    def _merge_top(self, layer: int, flat: Tensor, windows, g0: int, subset: Tensor | None) -> None:
+        """The merge of `_update_top` for the features `subset` (None: all), flat [N, c] their activations."""
         N, F = flat.shape
         k = self.k
         kk = min(k, N)
@@ -195,16 +209,25 @@ class FeatureStats:
         vals, perm = vals.sort(dim=0, descending=True, stable=True)
         idx = idx.gather(0, perm)
         feats = torch.arange(F, device=flat.device).expand(kk, F)
-        cv = torch.cat([self.top_val[layer], vals])  # [k + kk, F]: the running ones (earlier tokens) first
-        cg = torch.cat([self.top_gidx[layer], g0 + idx])
-        cw = torch.cat([self.top_win[layer], windows(idx, feats)])  # [k + kk, F, W]
+        if subset is None:
+            run_val, run_gidx, run_win = self.top_val[layer], self.top_gidx[layer], self.top_win[layer]
+        else:
+            run_val, run_gidx, run_win = (self.top_val[layer][:, subset], self.top_gidx[layer][:, subset],
+                                          self.top_win[layer][:, subset])
+        cv = torch.cat([run_val, vals])  # [k + kk, F]: the running ones (earlier tokens) first
+        cg = torch.cat([run_gidx, g0 + idx])
+        cw = torch.cat([run_win, windows(idx, feats)])  # [k + kk, F, W]
         order = cv.sort(dim=0, descending=True, stable=True).indices[:k]  # [k, F]
         val, gidx = cv.gather(0, order), cg.gather(0, order)
         win = cw.gather(0, order[..., None].expand(k, F, self.W))
         empty = val <= 0
-        self.top_val[layer] = val.masked_fill(empty, 0.0)
-        self.top_gidx[layer] = gidx.masked_fill(empty, -1)
-        self.top_win[layer] = win.masked_fill(empty[..., None], NAN)
+        val, gidx = val.masked_fill(empty, 0.0), gidx.masked_fill(empty, -1)
+        win = win.masked_fill(empty[..., None], NAN)
+        if subset is None:
+            self.top_val[layer], self.top_gidx[layer], self.top_win[layer] = val, gidx, win
+        else:
+            self.top_val[layer][:, subset], self.top_gidx[layer][:, subset] = val, gidx
+            self.top_win[layer][:, subset] = win
 
     def _update_reservoir(self, layer: int, n: Tensor, f: Tensor, v: Tensor, bins: Tensor, windows,
                           g0: int) -> None:
