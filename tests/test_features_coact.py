@@ -8,6 +8,7 @@ import sqlite3
 import numpy as np
 import pytest
 import torch
+from test_features import table_dump  # the database dump an uninterrupted and a resumed build are compared by
 
 from cltrace.errors import CltraceError
 from cltrace.features import CoactStats, FeatureDB, build_features
@@ -137,14 +138,6 @@ def test_database_coactivation_equals_brute_force(model_tc, tmp_path):
     # E[a_j] for the TWERA denominator comes from the features table: mean_act · frequency
     card = db.feature(1, 3)
     assert card.mean_act * card.frequency == pytest.approx(a[:, Fn + 3].mean(), rel=1e-6)
-
-
-def table_dump(path) -> dict:
-    with sqlite3.connect(path) as c:
-        tables = [r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        dump = {t: c.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
-    dump["meta"] = [row for row in dump["meta"] if row[0] != "built_at"]
-    return dump
 
 
 def test_sampled_tokens_resume_and_errors(model_tc, tmp_path):
