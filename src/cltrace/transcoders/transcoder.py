@@ -203,7 +203,8 @@ class Transcoder(nn.Module):
         """
         if mask is None:
             mask = acts != 0
-        if should_decode_sparse(mask.float().mean().item(), acts.device, sparse):
+        density = mask.float().mean().item() if sparse == "auto" else 0.0  # a pass over [N, L, F]: only if asked
+        if should_decode_sparse(density, acts.device, sparse):
             listing = Listing.of(mask)
             return decode_listed(self.W_dec, listing, listing.gather(acts).to(self.b_dec.dtype))
         return decode_dense(self.W_dec, acts, self.cfg.d_model)
