@@ -61,6 +61,13 @@ def built(model, clt, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def built_bf16(model, clt, tmp_path_factory):
+    path = tmp_path_factory.mktemp("features") / "clt_bf16.db"
+    build_features(model, clt, out=path, precision="bfloat16", **BUILD)
+    return path
+
+
 def contexts_of(path) -> np.ndarray:
     with sqlite3.connect(path) as c:
         rows = c.execute("SELECT tokens FROM contexts ORDER BY id").fetchall()
@@ -68,8 +75,9 @@ def contexts_of(path) -> np.ndarray:
 
 
 @torch.no_grad()
-def brute_acts(model, tc, ctxs: np.ndarray) -> np.ndarray:
-    """[L, n, T, F] float32 activations, 0 at BOS and other special tokens (which are not counted)."""
+def brute_acts(model, tc, ctxs: np.ndarray, matmul_dtype: torch.dtype | None = None) -> np.ndarray:
+    """[L, n, T, F] float32 activations, 0 at BOS and other special tokens (which are not counted); the encoder's
+    matmul in `matmul_dtype` (default: the weights')."""
     special = {256, 257, 258}  # the byte tokenizer's <bos>, <eos>, <pad>
     out = []
     for i in range(0, len(ctxs), BATCH):
@@ -80,7 +88,11 @@ def brute_acts(model, tc, ctxs: np.ndarray) -> np.ndarray:
         layers = []
         for layer in range(tc.n_layers):
             x = reads[layer].reshape(-1, model.d_model)
-            a = tc.activate(tc.pre_acts(x, layer), layer, training=False).view(*ids.shape, -1)
+            if matmul_dtype is None:
+                pre = x @ tc.W_enc[layer] + tc.b_enc[layer]
+            else:  # plain PyTorch, as `Transcoder.pre_acts(..., matmul_dtype=)` promises
+                pre = (x.to(matmul_dtype) @ tc.W_enc[layer].to(matmul_dtype)).float() + tc.b_enc[layer]
+            a = tc.activate(pre, layer, training=False).view(*ids.shape, -1)
             layers.append((a * keep[..., None]).numpy())
         out.append(np.stack(layers))
     return np.concatenate(out, axis=1)
@@ -92,10 +104,18 @@ def occurrences(acts: np.ndarray, layer: int, f: int) -> list[tuple[float, int, 
     return [(float(acts[layer, c, p, f]), int(c), int(p)) for c, p in zip(n, t)]
 
 
-def test_statistics_match_brute_force(model, clt, built):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_statistics_match_brute_force(model, clt, built, built_bf16, precision):
+    built = built if precision == "float32" else built_bf16
     ctxs = contexts_of(built)
     assert ctxs.shape == (12, T) and (ctxs[6] == ctxs[0]).all()  # a repeated context: exact ties
-    acts = brute_acts(model, clt, ctxs)
+    acts = brute_acts(model, clt, ctxs, None if precision == "float32" else torch.bfloat16)
+    if precision == "bfloat16":  # a different arithmetic, but the same features to about 3 digits
+        exact = brute_acts(model, clt, ctxs)
+        both = (acts > 0) & (exact > 0)
+        assert both.sum() > 0.95 * (exact > 0).sum()
+        assert np.allclose(acts[both], exact[both], rtol=3e-2, atol=3e-2)
+        assert FeatureDB.open(built).meta["precision"] == "bfloat16"
     L, _, _, F = acts.shape
     n_tokens = sum(p > 0 and t not in (256, 257, 258) for row in ctxs for p, t in enumerate(row))
     edges = np.logspace(-3, 3, 49)
@@ -146,6 +166,49 @@ def test_ties_go_to_the_earlier_token():
     assert gidx[0] == [1, 2, 3] and gidx[2] == [-1, -1, -1]
     assert gidx[1] == [1 * 6 + 5, 3 * 6 + 5, 0 * 6 + 4]  # the two 3.0s (contexts 1 and 3), then the first 2.0
     assert stats.top_win[0, 0, 0].tolist() == [0.0, 1.0, 1.0]  # position 0 (BOS) counts as 0
+
+
+_RUN_SEED = int(os.environ.get("CLTRACE_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+
+
+@pytest.mark.parametrize("seed", [0, 1, _RUN_SEED], ids=["seed0", "seed1", "random_seed"])
+def test_many_batches_of_random_activations_match_brute_force(seed):
+    """Sparse random activations with many exact ties (values on a coarse grid), 12 batches: counts, sums,
+    maxima, histograms, the top-k (ties to the earlier token) and their windows equal a direct computation;
+    the reservoir keeps the per-bin smallest keys (with room for everything: every occurrence)."""
+    g = torch.Generator().manual_seed(seed)
+    L, F, B, Tn, k = 2, 7, 3, 10, 4
+    stats = FeatureStats(L, F, Tn, top_k=k, window=(2, 1), per_bin=B * 12 * Tn, seed=seed)  # room for all
+    batches = []
+    for i in range(12):
+        a = torch.randint(1, 6, (L, B, Tn, F), generator=g).float() / 2  # values 0.5 .. 2.5: many ties
+        a *= torch.rand(L, B, Tn, F, generator=g) < 0.3  # about 30% fire
+        a[:, :, 0] = 0.0  # position 0 is not counted
+        batches.append(a)
+        for layer in range(L):
+            stats.update_layer(layer, a[layer], i * B)
+    acts = torch.cat(batches, 1)  # [L, n_contexts, T, F]
+    edges = np.logspace(-3, 3, 49)
+    why = f"[seed={seed}; replay with CLTRACE_TEST_SEED={seed}]"
+    for layer in range(L):
+        for f in range(F):
+            col = acts[layer, :, :, f]
+            occ = [(float(col[c, p]), c, p) for c, p in zip(*np.nonzero(col.numpy() > 0))]
+            vals = np.array([o[0] for o in occ])
+            assert int(stats.count[layer, f]) == len(occ), why
+            assert float(stats.act_sum[layer, f]) == pytest.approx(vals.sum(), rel=1e-12), why
+            assert float(stats.act_max[layer, f]) == (vals.max() if len(occ) else 0.0), why
+            assert stats.hist[layer, f].tolist() == np.bincount(np.searchsorted(edges, vals, side="right"),
+                                                                minlength=50).tolist(), why
+            want = sorted(occ, key=lambda o: (-o[0], o[1], o[2]))[:k]
+            got = [(v, gi // Tn, gi % Tn) for v, gi in
+                   zip(stats.top_val[layer, :, f].tolist(), stats.top_gidx[layer, :, f].tolist()) if gi >= 0]
+            assert got == want, why
+            for i, (_, c, p) in enumerate(want):
+                ref = [float(col[c, t]) if 0 <= t < Tn else math.nan for t in range(p - 2, p + 2)]
+                assert np.allclose(stats.top_win[layer, i, f].float().numpy(), ref, equal_nan=True), why
+            kept = {(gi // Tn, gi % Tn) for gi in stats.q_gidx[layer, f].reshape(-1).tolist() if gi >= 0}
+            assert kept == {(c, p) for _, c, p in occ}, why
 
 
 def test_quantile_reservoir_keeps_everything_when_it_can(model, clt, built):

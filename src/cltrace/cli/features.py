@@ -37,6 +37,9 @@ def add_parser(sub, name: str) -> None:
                         "global weights; default 0: off)")
     b.add_argument("--coact-tokens", type=int, default=0, metavar="N",
                    help="measure co-activation on N random tokens per batch (default 0: all)")
+    b.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                   help="the encoder's matmul: float32 (default; the activations attribution computes) or bfloat16 "
+                        "(about 4x faster on CPUs with AVX512-BF16/AMX and on GPUs; ~3 significant digits)")
     b.add_argument("--out", "-o", required=True, help="the database to write (e.g. FEATURES.db)")
     b.add_argument("--resume", action="store_true", help="continue the interrupted build of --out")
     b.set_defaults(run=run_build)
@@ -121,6 +124,7 @@ def run_build(args, ctx) -> int:
         batch_size=args.batch_size, out=args.out, resume=args.resume, top_k=args.top_k, window=tuple(args.window),
         n_ranges=args.ranges, per_range=args.per_range, checkpoint_every=args.checkpoint_every,
         progress=not ctx.quiet, split=args.split, coactivation=args.coactivation, coact_tokens=args.coact_tokens,
+        precision=args.precision,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),  # even with -q: how to resume after Ctrl-C
     )
     ctx.log(f"wrote {out}")

@@ -32,7 +32,7 @@ from cltrace.data.tokens import ContextStream, Position, special_tokens
 from cltrace.errors import CltraceError, SettingError
 from cltrace.features.db import existing_labels, save_database, transcoder_fingerprint
 from cltrace.features.effects import Effects, input_effects, output_effects
-from cltrace.features.stats import FeatureStats
+from cltrace.features.stats import PRECISIONS, FeatureStats
 from cltrace.transcoders.io import check_fits
 
 STATE = "state.safetensors"
@@ -56,7 +56,7 @@ def build_features(
     out: str | os.PathLike, resume: bool = False, top_k: int = 20, window: tuple[int, int] = (16, 8),
     n_ranges: int = 8, per_range: int = 4, checkpoint_every: int = 200, progress: bool = True,
     split: str = "all", seed: int = 0, hist_range: tuple[float, float] = (1e-3, 1e3), hist_bins: int = 48,
-    output_write: str = "last", coactivation: int = 0, coact_tokens: int = 0,
+    output_write: str = "last", coactivation: int = 0, coact_tokens: int = 0, precision: str = "float32",
     log: Callable[[str], None] | None = None, on_batch: Callable[[int], None] | None = None,
 ) -> Path:
     """Build the feature database of transcoder `tc` on `model` at `out` (see the module docstring).
@@ -65,6 +65,9 @@ def build_features(
     n_tokens: about how many tokens (ceil(n_tokens / context_len) contexts, fewer if the corpus ends).
     top_k, window (before, after), n_ranges, per_range, hist_range, hist_bins: see `features.stats`.
     output_write: "last" or "sum" (see `features.effects`). log: where messages go (default: stderr).
+    precision: "float32" (the transcoder's own arithmetic: every activation is what attribution computes) or
+    "bfloat16" (the encoder's matmul in bfloat16, about 4x faster on CPUs with AVX512-BF16 or AMX, at about 3
+    significant digits; activations near a feature's threshold may flip; docs/features.md measures it).
     coactivation: M > 0 also keeps, per feature, its M strongest co-activation partners in the same or later
     layers (`features.stats.CoactStats`); coact_tokens: n > 0 measures them on n random tokens per batch.
     on_batch(batches_done): called after each batch (progress for a caller; raising KeyboardInterrupt there
@@ -74,7 +77,7 @@ def build_features(
     _check_settings(n_tokens=n_tokens, context_len=context_len, batch_size=batch_size, top_k=top_k,
                     window=window, n_ranges=n_ranges, per_range=per_range, checkpoint_every=checkpoint_every,
                     hist_range=hist_range, hist_bins=hist_bins, output_write=output_write,
-                    coactivation=coactivation, coact_tokens=coact_tokens)
+                    coactivation=coactivation, coact_tokens=coact_tokens, precision=precision)
     tc = tc.eval()
     check_fits(tc, model)
     out = Path(out)
@@ -88,10 +91,13 @@ def build_features(
     }
     if coactivation:  # only then, so that checkpoints of builds without it still resume
         settings.update(coactivation=coactivation, coact_tokens=coact_tokens)
+    if precision != "float32":  # likewise
+        settings.update(precision=precision)
     _, _, specials = special_tokens(model.tokenizer)
     stats = FeatureStats(tc.n_layers, tc.n_features, context_len, special_ids=specials, top_k=top_k,
                          window=window, per_bin=per_range, hist_range=hist_range, hist_bins=hist_bins, seed=seed,
-                         device=tc.W_enc.device, coactivation=coactivation, coact_tokens=coact_tokens)
+                         device=tc.W_enc.device, coactivation=coactivation, coact_tokens=coact_tokens,
+                         precision=precision)
     part = partial_dir(out)
     position = Position()
     if resume:
@@ -150,6 +156,7 @@ def build_features(
                        "d_model": tc.d_model, "activation": tc.cfg.activation, "reads": tc.cfg.reads,
                        "model_name": tc.cfg.model_name},
         "histogram": {"lo": hist_range[0], "hi": hist_range[1], "bins": hist_bins},
+        "precision": precision,
         "output_effects": {"write": output_write, "final_norm": "frozen at the mean 1/rms over the pass's tokens"},
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cltrace_version": _version(),
@@ -259,6 +266,8 @@ def _check_settings(**s) -> None:
     if s["coactivation"] < 0 or s["coact_tokens"] < 0:
         raise SettingError("coactivation and coact_tokens must be 0 (off / every token) or more",
                            ("coactivation", "coact_tokens"))
+    if s["precision"] not in PRECISIONS:
+        raise SettingError(f"precision must be one of {', '.join(PRECISIONS)}", ("precision",))
     if s["output_write"] not in ("last", "sum"):
         raise SettingError("output_write must be 'last' or 'sum'", ("output_write",))
 

@@ -140,20 +140,20 @@ def _extremes_over_vocab(score, ok: Tensor, n: int, n_rows: int, max_elements: i
     not listable are masked): (ids [rows, n], values [rows, n]) sorted from the extreme, once or twice."""
     V = ok.numel()
     chunk = max(1, max_elements // max(n_rows, 1))
-    best = [(torch.full((n_rows, 0), -torch.inf, device=ok.device),
+    best = [(torch.full((n_rows, 0), torch.nan, device=ok.device),
              torch.zeros(n_rows, 0, dtype=torch.int64, device=ok.device)) for _ in range(1 + bottom)]
     for lo in range(0, V, chunk):
         hi = min(V, lo + chunk)
         if not ok[lo:hi].any():
             continue
         s = score(lo, hi)  # [rows, c]
-        masked = ~ok[lo:hi]
+        masked = (~ok[lo:hi]).nonzero()[:, 0]  # the few columns never listed: filled in place, no copy of s
         ids = torch.arange(lo, hi, device=ok.device)
-        for j, sign in enumerate((1.0, -1.0)[:1 + bottom]):
-            v = (sign * s).masked_fill_(masked, -torch.inf)
-            top_v, k = v.topk(min(n, v.shape[1]), dim=1)  # the chunk's best, then merged with the running best
+        for j, largest in enumerate((True, False)[:1 + bottom]):
+            s.index_fill_(1, masked, -torch.inf if largest else torch.inf)
+            top_v, k = s.topk(min(n, s.shape[1]), dim=1, largest=largest)  # the chunk's best, merged below
             v, i = torch.cat([best[j][0], top_v], 1), torch.cat([best[j][1], ids[k]], 1)
-            top_v, k = v.topk(min(n, v.shape[1]), dim=1)  # sorted, largest first
+            top_v, k = v.topk(min(n, v.shape[1]), dim=1, largest=largest)  # sorted from the extreme
             best[j] = (top_v, i.gather(1, k))
     out = (best[0][1], best[0][0])
-    return out + (best[1][1], -best[1][0]) if bottom else out
+    return out + (best[1][1], best[1][0]) if bottom else out

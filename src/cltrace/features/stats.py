@@ -58,6 +58,7 @@ from torch import Tensor
 from cltrace.data.activations import keep_mask
 
 NAN = float("nan")
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}  # the encoder matmul's dtype (None: the weights')
 
 
 def bin_edges(lo: float = 1e-3, hi: float = 1e3, n_bins: int = 48) -> Tensor:
@@ -97,12 +98,14 @@ class FeatureStats:
     def __init__(self, n_layers: int, n_features: int, context_len: int, *, special_ids: set[int] | None = None,
                  top_k: int = 20, window: tuple[int, int] = (16, 8), per_bin: int = 4,
                  hist_range: tuple[float, float] = (1e-3, 1e3), hist_bins: int = 48, seed: int = 0,
-                 device: torch.device | str = "cpu", coactivation: int = 0, coact_tokens: int = 0):
+                 device: torch.device | str = "cpu", coactivation: int = 0, coact_tokens: int = 0,
+                 precision: str = "float32"):
         L, F, self.T = n_layers, n_features, context_len
         self.L, self.F = L, F
         self.k, self.window, self.m = top_k, (int(window[0]), int(window[1])), per_bin
         self.W = self.window[0] + 1 + self.window[1]
         self.special_ids = set(special_ids or ())
+        self.matmul_dtype = PRECISIONS[precision]  # see `Transcoder.pre_acts`
         self.device = torch.device(device)
         self.edges = bin_edges(*hist_range, hist_bins).to(self.device)  # [H - 1]
         self.H = hist_bins + 2
@@ -140,11 +143,13 @@ class FeatureStats:
         scale = trace.frozen.scales["final"][..., 0].to(self.device)  # [B, T] the final norm's 1/rms
         self.final_scale_sum += float(scale[keep].double().sum())
         rows = self.coact.sample_rows(keep) if self.coact is not None else None
+        dropped = (~keep).reshape(-1).nonzero()[:, 0]  # rows not counted: zeroed in place (a few rows)
         picked = []
         for layer in range(self.L):
             x = reads[layer].reshape(B * T, -1).to(tc.W_enc.dtype)  # [N, D]
-            a = tc.activate(tc.pre_acts(x, layer), layer, training=False).float().view(B, T, self.F)
-            a = a.to(self.device).masked_fill(~keep[..., None], 0.0)
+            pre = tc.pre_acts(x, layer, matmul_dtype=self.matmul_dtype)  # [N, F]
+            a = tc.activate(pre, layer, training=False).float().to(self.device)
+            a = a.index_fill_(0, dropped, 0.0).view(B, T, self.F)
             self.update_layer(layer, a, self.n_contexts)
             if rows is not None:
                 picked.append(a.view(B * T, self.F)[rows])
@@ -155,86 +160,99 @@ class FeatureStats:
         self.n_contexts += B
 
     def update_layer(self, layer: int, a: Tensor, ctx0: int) -> None:
-        """a [B, T, F]: one layer's activations of contexts ctx0..ctx0+B-1, 0 at positions not counted."""
+        """a [B, T, F]: one layer's activations of contexts ctx0..ctx0+B-1, 0 at positions not counted.
+
+        Everything works on the batch's list of nonzero activations (a few percent of [N, F]), so the dense
+        [N, F] tensor is read only by one comparison, one listing and one column maximum."""
         B, T, F = a.shape
         flat = a.reshape(B * T, F)  # [N, F], row n = b·T + t
-        fires = flat > 0
-        self.count[layer] += fires.sum(0)
-        self.act_sum[layer] += flat.sum(0).double()  # a batch in float32, the running total in float64
-        self.act_max[layer] = torch.maximum(self.act_max[layer], flat.max(0).values)
-        # windows: view[b, t, f] = a[b, t - before : t + after + 1, f], NaN outside the context
-        before, after = self.window
-        view = nnf.pad(a, (0, 0, before, after), value=NAN).unfold(1, self.W, 1)  # [B, T, F, W] (a view)
+        n, f = (flat > 0).nonzero().unbind(1)  # [nnz] row-major: a fixed order for the random keys
+        v = flat[n, f]
+        self.count[layer] += torch.bincount(f, minlength=F)
+        self.act_sum[layer] += torch.bincount(f, weights=v.double(), minlength=F)
+        batch_max = flat.amax(0).clamp_min(0.0)  # [F]
+        self.act_max[layer] = torch.maximum(self.act_max[layer], batch_max)
 
-        def windows(n: Tensor, f: Tensor) -> Tensor:  # rows n, features f (same shape) -> [..., W] float16
-            return view[n // T, n % T, f].to(torch.float16)
+        def windows(rows: Tensor, feats: Tensor) -> Tensor:  # rows, feats [s] -> [s, W] float16
+            return self._windows(flat, T, rows, feats)
 
-        self._update_top(layer, flat, windows, ctx0 * T)
-        nz = fires.nonzero()  # [nnz, 2] (row, feature), row-major: a fixed order for the random keys
-        if nz.numel():
-            n, f = nz.unbind(1)
-            v = flat[n, f]
+        g0 = ctx0 * T
+        self._update_top(layer, n, f, v, batch_max, windows, g0)
+        if n.numel():
             bins = torch.bucketize(v, self.edges, right=True)  # [nnz] 0 (underflow) .. H - 1 (overflow)
             self.hist[layer] += torch.bincount(f * self.H + bins, minlength=F * self.H).view(F, self.H)
-            self._update_reservoir(layer, n, f, v, bins, windows, ctx0 * T)
+            self._update_reservoir(layer, n, f, v, bins, windows, g0)
 
-    def _update_top(self, layer: int, flat: Tensor, windows, g0: int) -> None:
-        """Merge the batch's k largest activations per feature into the running top-k ([k, F] per layer).
+    def _windows(self, flat: Tensor, T: int, rows: Tensor, feats: Tensor) -> Tensor:
+        """[s, W] float16: feature feats[i]'s activation at the tokens `before` before to `after` after row
+        rows[i] of flat [B·T, F], NaN outside the row's context."""
+        before, after = self.window
+        offset = torch.arange(-before, after + 1, device=flat.device)  # [W]
+        pos = (rows % T)[:, None] + offset  # [s, W] positions in the context
+        inside = (pos >= 0) & (pos < T)
+        src = (rows[:, None] + offset).clamp(0, flat.shape[0] - 1)
+        return flat[src, feats[:, None].expand_as(src)].masked_fill(~inside, NAN).to(torch.float16)
 
-        Only features whose batch maximum beats their running k-th value can change (an equal value loses to the
-        earlier one), so only those are merged: once the top-k fill up, that is few of them per batch."""
-        cand = (flat.max(0).values > self.top_val[layer][-1]).nonzero()[:, 0]  # [c] features that can change
-        if cand.numel() == 0:
+    def _update_top(self, layer: int, n: Tensor, f: Tensor, v: Tensor, batch_max: Tensor, windows,
+                    g0: int) -> None:
+        """Merge the batch's activations into the running top-k ([k, F] per layer), kept sorted by (value desc,
+        global index asc).
+
+        Only an activation above its feature's running k-th value can enter (an equal one loses to the earlier
+        token), so only those are merged with the running lists of their features: once the lists fill up,
+        few per batch. The merge is one lexicographic sort of (feature, value desc, global index asc); the
+        running entries hold earlier tokens than the batch, so ties go to the earlier token."""
+        k, W = self.k, self.W
+        kth = self.top_val[layer][-1]  # [F]
+        touched = (batch_max > kth).nonzero()[:, 0]  # [c] features whose list changes (sorted)
+        c = touched.numel()
+        if c == 0:
             return
-        if cand.numel() < flat.shape[1]:
-            sub = flat[:, cand]
-            self._merge_top(layer, sub, lambda n, f: windows(n, cand[f]), g0, cand)
-        else:
-            self._merge_top(layer, flat, windows, g0, None)
-
-    def _merge_top(self, layer: int, flat: Tensor, windows, g0: int, subset: Tensor | None) -> None:
-        """The merge of `_update_top` for the features `subset` (None: all), flat [N, c] their activations."""
-        N, F = flat.shape
-        k = self.k
-        kk = min(k, N)
-        vals, idx = flat.topk(kk, dim=0)  # [kk, F] (which of several equal values topk picks is unspecified)
-        cut = vals[-1]  # [F]
-        tied = (cut > 0) & ((flat == cut).sum(0) > (vals == cut).sum(0))  # equal values left out at the cut
-        if bool(tied.any()):  # rare: redo those features with a stable sort (earlier rows first)
-            cols = tied.nonzero()[:, 0]
-            sv, si = flat[:, cols].sort(dim=0, descending=True, stable=True)
-            vals[:, cols], idx[:, cols] = sv[:kk], si[:kk]
-        idx, perm = idx.sort(dim=0)  # order the candidates by (value desc, row asc)
-        vals = vals.gather(0, perm)
-        vals, perm = vals.sort(dim=0, descending=True, stable=True)
-        idx = idx.gather(0, perm)
-        feats = torch.arange(F, device=flat.device).expand(kk, F)
-        if subset is None:
-            run_val, run_gidx, run_win = self.top_val[layer], self.top_gidx[layer], self.top_win[layer]
-        else:
-            run_val, run_gidx, run_win = (self.top_val[layer][:, subset], self.top_gidx[layer][:, subset],
-                                          self.top_win[layer][:, subset])
-        cv = torch.cat([run_val, vals])  # [k + kk, F]: the running ones (earlier tokens) first
-        cg = torch.cat([run_gidx, g0 + idx])
-        cw = torch.cat([run_win, windows(idx, feats)])  # [k + kk, F, W]
-        order = cv.sort(dim=0, descending=True, stable=True).indices[:k]  # [k, F]
-        val, gidx = cv.gather(0, order), cg.gather(0, order)
-        win = cw.gather(0, order[..., None].expand(k, F, self.W))
-        empty = val <= 0
-        val, gidx = val.masked_fill(empty, 0.0), gidx.masked_fill(empty, -1)
-        win = win.masked_fill(empty[..., None], NAN)
-        if subset is None:
-            self.top_val[layer], self.top_gidx[layer], self.top_win[layer] = val, gidx, win
-        else:
-            self.top_val[layer][:, subset], self.top_gidx[layer][:, subset] = val, gidx
-            self.top_win[layer][:, subset] = win
+        enter = v > kth[f]
+        n, f, v = n[enter], f[enter], v[enter]
+        slot_of = torch.full((self.F,), -1, dtype=torch.int64, device=v.device)
+        slot_of[touched] = torch.arange(c, device=v.device)
+        # candidates: the c·k running entries (slot j, rank i), then the e entering ones
+        slot = torch.cat([torch.arange(c, device=v.device).repeat(k), slot_of[f]])
+        val = torch.cat([self.top_val[layer][:, touched].reshape(-1), v])
+        gidx = torch.cat([self.top_gidx[layer][:, touched].reshape(-1), g0 + n])
+        src = torch.cat([torch.arange(k, device=v.device).repeat_interleave(c), torch.full_like(n, -1)])
+        order = gidx.sort(stable=True).indices  # empty running entries (-1) first: they have value 0 and lose
+        order = order[val[order].sort(descending=True, stable=True).indices]
+        order = order[slot[order].sort(stable=True).indices]  # [c·k + e] by (slot, value desc, gidx asc)
+        first = torch.bincount(slot, minlength=c).cumsum(0) - torch.bincount(slot, minlength=c)
+        rank = torch.arange(order.numel(), device=v.device) - first[slot[order]]
+        order = order[rank < k]  # [c·k]: every slot has its k running entries, so exactly k per slot
+        new_val = val[order].view(c, k).T  # [k, c]
+        new_gidx = gidx[order].view(c, k).T
+        new_win = torch.empty(c * k, W, dtype=torch.float16, device=v.device)
+        s = src[order]
+        old = s >= 0
+        new_win[old] = self.top_win[layer][s[old], touched[slot[order][old]]]
+        fresh = order[~old] - c * k  # into the entering entries
+        if fresh.numel():
+            new_win[~old] = windows(n[fresh], f[fresh])
+        empty = new_val <= 0
+        self.top_val[layer][:, touched] = new_val.masked_fill(empty, 0.0)
+        self.top_gidx[layer][:, touched] = new_gidx.masked_fill(empty, -1)
+        self.top_win[layer][:, touched] = new_win.view(c, k, W).transpose(0, 1).masked_fill(empty[..., None], NAN)
 
     def _update_reservoir(self, layer: int, n: Tensor, f: Tensor, v: Tensor, bins: Tensor, windows,
                           g0: int) -> None:
-        """Keep, per (feature, fine bin), the m occurrences with the smallest random keys seen so far."""
+        """Keep, per (feature, fine bin), the m occurrences with the smallest random keys seen so far.
+
+        Every occurrence draws its key (so the random stream does not depend on what is kept), but only those
+        below their group's current m-th smallest kept key can enter (a kept key wins a tie), so only those go
+        through the sorts: after a few batches, few of them."""
         m, W = self.m, self.W
         key = torch.rand(n.numel(), generator=self.rng).to(self.device)  # [nnz] uniform in [0, 1)
         group = f * self.H + bins  # [nnz]
+        qk, qv = self.q_key[layer].view(-1, m), self.q_val[layer].view(-1, m)  # [F·H, m] views
+        qg, qw = self.q_gidx[layer].view(-1, m), self.q_win[layer].view(-1, m, W)
+        enter = key < qk[group, m - 1]
+        n, f, v, key, group = n[enter], f[enter], v[enter], key[enter], group[enter]
+        if n.numel() == 0:
+            return
         # 1) within the batch: the m smallest keys of each group (sort by key, then stably by group)
         order = key.sort(stable=True).indices
         order = order[group[order].sort(stable=True).indices]
@@ -256,8 +274,6 @@ class FeatureStats:
         new_gidx[slot, rank] = g0 + n[order]
         new_win[slot, rank] = windows(n[order], f[order])
         # 2) merge with the kept ones: [G, 2m] -> the m smallest keys (kept ones first on an equal key)
-        qk, qv = self.q_key[layer].view(-1, m), self.q_val[layer].view(-1, m)  # [F·H, m] views
-        qg, qw = self.q_gidx[layer].view(-1, m), self.q_win[layer].view(-1, m, W)
         ck = torch.cat([qk[groups], new_key], 1)
         o = ck.sort(dim=1, stable=True).indices[:, :m]  # [G, m]
         cv = torch.cat([qv[groups], new_val], 1)

@@ -160,9 +160,17 @@ class Transcoder(nn.Module):
             self.b_dec.zero_()
 
     # ------------------------------------------------------------------ encode
-    def pre_acts(self, x: Tensor, layer: int | None = None) -> Tensor:
-        """x [N, L, D] -> [N, L, F] (or, for one layer, x [N, D] -> [N, F])."""
+    def pre_acts(self, x: Tensor, layer: int | None = None, *, matmul_dtype: torch.dtype | None = None) -> Tensor:
+        """x [N, L, D] -> [N, L, F] (or, for one layer, x [N, D] -> [N, F]).
+
+        matmul_dtype (one layer only; inference): multiply in this dtype and return the weights' dtype. Buys
+        speed where the hardware has it: torch.bfloat16 is about 4x faster than float32 on a CPU with
+        AVX512-BF16 or AMX, at about 3 significant digits (a feature near its threshold may flip).
+        """
         if layer is not None:
+            if matmul_dtype is not None and matmul_dtype != self.W_enc.dtype:
+                W = self.W_enc[layer].to(matmul_dtype)
+                return (x.to(matmul_dtype) @ W).to(self.W_enc.dtype) + self.b_enc[layer]
             return x @ self.W_enc[layer] + self.b_enc[layer]
         # one batched matmul with the bias fused; the result is layer-major in memory ([L, N, F] transposed),
         # which keeps per-layer work (BatchTopK's cut-off, the sparse listing) free of copies
