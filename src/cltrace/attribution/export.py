@@ -23,6 +23,18 @@ def cantor(layer: int, feat: int) -> int:
     return (layer + feat) * (layer + feat + 1) // 2 + feat
 
 
+def node_ids(graph: Graph) -> list[str]:
+    """Every node's id, in node order: the ids of the JSON below, which the local viewer and its saved state use."""
+    L, T, nf = graph.n_layers, graph.n_pos, graph.n_features
+    ids = [f"{layer}_{f}_{pos}" for layer, pos, f in graph.features.tolist()]
+    ids += [f"{layer}_err_{pos}" for layer in range(L) for pos in range(T)]
+    ids += [f"E_{int(tok)}_{pos}" for pos, tok in enumerate(graph.input_ids.tolist())]
+    vocab = int(graph.meta.get("vocab_size", 0))
+    ids += [f"{L + 1}_{t if t >= 0 else vocab + j}_{T - 1}" for j, t in enumerate(graph.logit_tokens.tolist())]
+    assert len(ids) == nf + (L + 1) * T + graph.n_logits
+    return ids
+
+
 def graph_json(graph: Graph, slug: str, pruned: PruneResult | None = None, *, scan: str | None = None,
                node_threshold: float = 0.8, edge_threshold: float = 0.98) -> dict:
     pr = pruned or prune(graph, node_threshold, edge_threshold)

@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "intervene": "intervene",
     "features": "features",
     "merge-shards": "merge_shards",
+    "serve": "serve",
 }
 
 
