@@ -13,7 +13,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 PROMPT ?= Fact: Michael Jordan plays the sport of
 
-.PHONY: demo test test-fast lint install models clean bench
+.PHONY: demo test test-fast lint install models clean bench chromium
 
 install: $(STAMP)
 
@@ -52,7 +52,12 @@ demo: $(STAMP) models
 	  --mode free --generate 8
 	@echo "graph picture: $(DEMO)/graph.png   viewer JSON: $(DEMO)/viewer/demo.json"
 
-test: $(STAMP) models
+# The viewer's browser tests drive Debian's chromium (never a downloaded browser): install it when missing.
+chromium:
+	@test -x /usr/bin/chromium || { echo "installing chromium for the viewer's browser tests"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
+
+test: $(STAMP) models chromium
 	$(VENV)/bin/pytest -q --durations=15
 
 test-fast: $(STAMP)

@@ -85,3 +85,11 @@ def smollm():
     from cltrace.models.registry import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def viewer_served(tmp_path_factory):
+    """The viewer tests' served folder: tiny model, transcoders, feature database, graphs (tests/viewer_setup.py)."""
+    from viewer_setup import build
+
+    return build(tmp_path_factory.mktemp("viewer"))

@@ -340,10 +340,9 @@ def export_json(v: Viewer, name: str, loaded: Loaded, node_t: float, edge_t: flo
     pr = sp.to_prune_result(g)
     pinned = [n for n in st.pinned if n in loaded.index]
     if subgraph:
-        keep = torch.zeros(g.n_nodes, dtype=torch.bool)
-        keep[[loaded.index[n] for n in pinned]] = True
-        pr.node_mask = keep | (g.kinds() >= 2)
-        pr.edge_mask = (g.edges != 0) & keep[g.rows][:, None] & keep[None, :]
+        # every node and edge, so that each pinned node is written whatever pruning hid; filtered below
+        pr.node_mask = torch.ones(g.n_nodes, dtype=torch.bool)
+        pr.edge_mask = g.edges != 0
     data = graph_json(g, name, pr, scan=g.meta.get("scan") or None, node_threshold=node_t, edge_threshold=edge_t)
     labels = v.feature_labels(name, loaded)
     for n in data["nodes"]:

@@ -90,7 +90,7 @@ class GraphStore:
 
     def free_name(self, wanted: str) -> str:
         """A name like `wanted` (made safe) that no file in the folder has yet."""
-        base = re.sub(r"[^A-Za-z0-9._-]+", "-", wanted).strip("-._")[:60] or "graph"
+        base = re.sub(r"[^A-Za-z0-9_-]+", "-", wanted).strip("-_")[:60] or "graph"
         name, i = base, 2
         while (self.root / (name + SUFFIX)).exists():
             name, i = f"{base}-{i}", i + 1
