@@ -51,6 +51,8 @@ demo: $(STAMP) models
 	$(CLTRACE) intervene "$(PROMPT)" --transcoders $(DEMO)/clt --graph $(DEMO)/graph.safetensors --node top \
 	  --mode free --generate 8
 	@echo "graph picture: $(DEMO)/graph.png   viewer JSON: $(DEMO)/viewer/demo.json"
+	@echo "open the demo's graph in the interactive viewer (then http://127.0.0.1:8765/?graph=graph):"
+	@echo "  $(CLTRACE) serve $(DEMO) --model gemma-3-270m --transcoders $(DEMO)/clt$(if $(wildcard $(DEMO)/features.db), --features $(DEMO)/features.db,)"
 
 # The viewer's browser tests drive Debian's chromium (never a downloaded browser): install it when missing.
 chromium:

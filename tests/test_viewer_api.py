@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from starlette.testclient import TestClient
+from viewer_setup import EVIL, PROMPT
 
 from cltrace.attribution import Graph, PruneResult, prune, scores
 from cltrace.attribution.export import graph_json, node_ids
@@ -19,7 +20,6 @@ from cltrace.viewer import make_app
 from cltrace.viewer.analysis import suggest_supernodes
 from cltrace.viewer.store import GraphStore
 from cltrace.viewer.synthetic import synthetic_graph
-from viewer_setup import EVIL, PROMPT
 
 TOKEN = "test-token"
 H = {"X-Cltrace-Token": TOKEN}

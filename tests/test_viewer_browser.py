@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import sync_playwright
+from viewer_setup import EVIL, PROMPT, launch_browser
 
 from cltrace.attribution import Graph
 from cltrace.viewer import make_app
 from cltrace.viewer.background import Background
-from viewer_setup import EVIL, PROMPT, launch_browser
 
 SHOTS = Path(os.environ.get("CLTRACE_SHOTS", "/tmp/cltrace-viewer-shots"))
 pytestmark = pytest.mark.slow

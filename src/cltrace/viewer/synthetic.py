@@ -36,7 +36,7 @@ def synthetic_graph(n_nodes: int = 5000, n_edges: int = 50_000, *, n_layers: int
     tgt_layer = torch.cat([features[:, 0], torch.full((n_logits,), L)])
     tgt_pos = torch.cat([features[:, 1], torch.full((n_logits,), T - 1)])
     edges = torch.zeros(rows.numel(), N)
-    per_row = max(1, n_edges // rows.numel())
+    per_row = max(1, round(0.96 * n_edges / rows.numel()))  # the rest: features' edges to the logits (below)
     n_src = src_layer.numel()
     for r in range(rows.numel()):
         ok = ((src_layer < tgt_layer[r]) & (src_pos <= tgt_pos[r])).nonzero().flatten()
@@ -48,6 +48,11 @@ def synthetic_graph(n_nodes: int = 5000, n_edges: int = 50_000, *, n_layers: int
         pick = ok[torch.multinomial(closeness, k, replacement=False, generator=g)]
         assert int(pick.max()) < n_src
         edges[r, pick] = torch.randn(k, generator=g) * closeness[torch.searchsorted(ok, pick)] * 2
+    # as in a traced graph, every feature reaches the logits: one without a target gets an edge to a logit
+    lonely = (edges[:, :n_feat] == 0).all(0).nonzero().flatten()
+    if lonely.numel():
+        logit_rows = torch.randint(n_feat, rows.numel(), (lonely.numel(),), generator=g)
+        edges[logit_rows, lonely] = torch.randn(lonely.numel(), generator=g) * 0.2
     acts = torch.rand(n_feat, generator=g) * 5 + 0.1
     probs = torch.softmax(torch.randn(n_logits, generator=g) * 2, 0)
     probs = probs.sort(descending=True).values

@@ -134,7 +134,8 @@ export class GraphView {
         if ((d.w[e] > 0) !== (sign > 0)) continue;
         ctx.moveTo(this.X[d.src[e]], this.Y[d.src[e]]); ctx.lineTo(this.X[d.tgt[e]], this.Y[d.tgt[e]]);
       }
-      ctx.strokeStyle = sign > 0 ? "rgba(40,90,170,0.10)" : "rgba(190,40,40,0.10)"; ctx.lineWidth = 0.6; ctx.stroke();
+      const alpha = Math.max(0.012, Math.min(0.1, 150 / (d.w.length + 1)));  // many edges: fainter, not a wall
+      ctx.strokeStyle = sign > 0 ? `rgba(40,90,170,${alpha})` : `rgba(190,40,40,${alpha})`; ctx.lineWidth = 0.6; ctx.stroke();
     }
     for (let k = 0; k < 5; k++) {
       ctx.beginPath();
@@ -169,19 +170,27 @@ export class GraphView {
     else ctx.rect(x - r, y - r, 2 * r, 2 * r);
   }
 
-  drawEdges(ctx, i, alpha, colorNeighbours) {
+  // colours scale with the largest edge of this node, so that every node's neighbours show their signs
+  localMax(i) {
     const d = this.d, {ins, outs} = edgesOf(d, i);
+    let m = 0;
+    for (const e of ins.concat(outs)) m = Math.max(m, Math.abs(d.pct[e]));
+    return m || 1;
+  }
+
+  drawEdges(ctx, i, alpha, colorNeighbours) {
+    const d = this.d, {ins, outs} = edgesOf(d, i), max = this.localMax(i);
     for (const e of ins.concat(outs)) {
-      const a = Math.abs(d.pct[e]) / d.maxPct;
+      const a = Math.abs(d.pct[e]) / max;
       ctx.beginPath(); ctx.moveTo(this.X[d.src[e]], this.Y[d.src[e]]); ctx.lineTo(this.X[d.tgt[e]], this.Y[d.tgt[e]]);
-      ctx.strokeStyle = signedColor(d.pct[e], d.maxPct * 0.6); ctx.globalAlpha = alpha; ctx.lineWidth = 0.5 + 3 * Math.sqrt(a); ctx.stroke();
+      ctx.strokeStyle = signedColor(d.pct[e], max * 0.8); ctx.globalAlpha = alpha; ctx.lineWidth = 0.5 + 3 * Math.sqrt(a); ctx.stroke();
     }
     ctx.globalAlpha = 1;
     if (!colorNeighbours) return;
     for (const e of ins.concat(outs)) {
       const j = d.src[e] === i ? d.tgt[e] : d.src[e];
       ctx.beginPath(); this.glyph(ctx, j, 1);
-      ctx.fillStyle = signedColor(d.pct[e], d.maxPct * 0.6); ctx.fill(); ctx.strokeStyle = "#222"; ctx.lineWidth = 0.8; ctx.stroke();
+      ctx.fillStyle = signedColor(d.pct[e], max * 0.8); ctx.fill(); ctx.strokeStyle = "#222"; ctx.lineWidth = 0.8; ctx.stroke();
     }
   }
 
@@ -282,15 +291,15 @@ export class GraphView {
     }
     const focus = this.selected >= 0 ? this.selected : -1;
     const maxEdges = 20000;
-    out.push(`<g stroke-width="0.6" opacity="0.25">`);
+    out.push(`<g stroke-width="0.6" opacity="${Math.max(0.03, Math.min(0.25, 400 / (d.w.length + 1))).toFixed(3)}">`);
     for (let e = 0; e < Math.min(d.w.length, maxEdges); e++) {
       out.push(`<line x1="${f(this.X[d.src[e]])}" y1="${f(this.Y[d.src[e]])}" x2="${f(this.X[d.tgt[e]])}" y2="${f(this.Y[d.tgt[e]])}" stroke="${d.w[e] > 0 ? "#285aaa" : "#be2828"}"/>`);
     }
     out.push(`</g>`);
     if (focus >= 0) {
-      const {ins, outs} = edgesOf(d, focus);
+      const {ins, outs} = edgesOf(d, focus), max = this.localMax(focus);
       for (const e of ins.concat(outs)) {
-        out.push(`<line x1="${f(this.X[d.src[e]])}" y1="${f(this.Y[d.src[e]])}" x2="${f(this.X[d.tgt[e]])}" y2="${f(this.Y[d.tgt[e]])}" stroke="${signedColor(d.pct[e], d.maxPct * 0.6)}" stroke-width="${f(0.5 + 3 * Math.sqrt(Math.abs(d.pct[e]) / d.maxPct))}"/>`);
+        out.push(`<line x1="${f(this.X[d.src[e]])}" y1="${f(this.Y[d.src[e]])}" x2="${f(this.X[d.tgt[e]])}" y2="${f(this.Y[d.tgt[e]])}" stroke="${signedColor(d.pct[e], max * 0.8)}" stroke-width="${f(0.5 + 3 * Math.sqrt(Math.abs(d.pct[e]) / max))}"/>`);
       }
     }
     for (let i = 0; i < d.n; i++) {

@@ -55,14 +55,14 @@ export class NodePane {
   }
 
   edgeLists(i) {
-    const d = this.app.d, {ins, outs} = edgesOf(d, i);
+    const d = this.app.d, {ins, outs} = edgesOf(d, i), max = this.app.view.localMax(i);
     const box = el("div", {class: "edges"});
     for (const [title, list, other] of [["Input edges", ins, e => d.src[e]], ["Output edges", outs, e => d.tgt[e]]]) {
       list.sort((a, b) => Math.abs(d.w[b]) - Math.abs(d.w[a]));
       const ul = el("ul", {class: "edge-list", "data-testid": title === "Input edges" ? "edges-in" : "edges-out"});
       for (const e of list.slice(0, 40)) {
         const j = other(e);
-        const li = el("li", {style: `border-left: 6px solid ${signedColor(d.pct[e], d.maxPct * 0.6)}`,
+        const li = el("li", {style: `border-left: 6px solid ${signedColor(d.pct[e], max * 0.8)}`,
           onclick: () => this.app.select(j), onmouseenter: () => this.app.view.setHover(j)},
           el("span", {class: "w", text: (d.w[e] >= 0 ? "+" : "") + fmt(d.w[e])}), " ",
           el("span", {text: this.app.view.nodeTitle(j)}));

@@ -90,6 +90,21 @@ export class SubgraphPane {
       out.push({id: sn.id, text: sn.name, members: sn.members, pos: st.layout[sn.id] || def, group: true});
     }
     for (const id of st.pinned) if (!this.groupOf(id)) out.push({id, text: this.label(id), members: [id], pos: st.layout[id] || where(id)});
+    // items of one (position, layer) would sit on each other: spread those not placed by hand
+    const cells = new Map();
+    for (const it of out) {
+      if (st.layout[it.id]) continue;
+      const key = `${it.pos[0].toFixed(3)},${it.pos[1].toFixed(3)}`;
+      if (!cells.has(key)) cells.set(key, []);
+      cells.get(key).push(it);
+    }
+    for (const list of cells.values()) {
+      const n = list.length, step = n > 1 ? Math.min(0.22, 1 / (n - 1)) : 0, span = step * (n - 1);
+      const cx = Math.max(span / 2, Math.min(1 - span / 2, list[0].pos[0]));
+      list.forEach((it, k) => {
+        it.pos = [cx - span / 2 + k * step, Math.max(0, Math.min(1, it.pos[1] + (k % 2) * 0.09))];
+      });
+    }
     return out;
   }
 
