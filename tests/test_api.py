@@ -20,7 +20,7 @@ import cltrace
 
 SRC = Path(cltrace.__file__).parent
 LAYERS = ["errors", "runtime", "models", "data", "transcoders", "training", "replacement", "attribution",
-          "interventions", "viewer", "cli"]
+          "interventions", "features", "validation", "viewer", "cli"]
 
 
 def test_whole_loop_from_one_import(tmp_path):

@@ -35,6 +35,7 @@ from cltrace.models import DEFAULT_MODEL, ModelAdapter, list_models, load_model
 from cltrace.replacement import LocalReplacement, build_replacement
 from cltrace.training import TrainConfig, evaluate, train
 from cltrace.transcoders import Transcoder, TranscoderConfig, load_transcoder, save_transcoder
+from cltrace.validation import validate
 
 __version__ = "0.1.0"
 
@@ -43,5 +44,5 @@ __all__ = [
     "InterventionResult", "LocalReplacement", "ModelAdapter", "PruneResult", "SettingError", "TrainConfig",
     "Transcoder", "TranscoderConfig", "attribute", "build_features", "build_replacement", "evaluate", "intervene",
     "intervene_generate", "list_models", "load_model", "load_transcoder", "prune", "save_transcoder", "scores",
-    "train",
+    "train", "validate",
 ]

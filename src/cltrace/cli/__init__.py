@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "features": "features",
     "merge-shards": "merge_shards",
     "serve": "serve",
+    "validate": "validate",
 }
 
 

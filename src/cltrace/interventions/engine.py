@@ -58,6 +58,7 @@ class Run:
     last_logits: Tensor  # [V] logits at the last position (the unembedding of all positions is costly)
     pre: list[Tensor]  # per layer [T, F] pre-activations read from the live stream
     acts: list[Tensor]  # per layer [T, F] activations in effect (after interventions; held layers: clean)
+    resid_mid: list[Tensor] | None = None  # per layer [T, D] residual stream entering the MLP (for comparing runs)
 
 
 def encode(tc: Transcoder, x: Tensor, layer: int) -> tuple[Tensor, Tensor]:
@@ -166,7 +167,7 @@ def run_constrained(
         return out[None]
 
     fp = frozen_forward(model, rep.embed[None], rep.frozen, mlp)
-    return Run(unembed_last(model, fp.final_normed), pres, acts)
+    return Run(unembed_last(model, fp.final_normed), pres, acts, [r[0] for r in fp.resid_mid])
 
 
 def unembed_last(model: ModelAdapter, final_normed: Tensor) -> Tensor:
@@ -176,7 +177,7 @@ def unembed_last(model: ModelAdapter, final_normed: Tensor) -> Tensor:
 
 
 @contextmanager
-def _live_resid_mid(model: ModelAdapter, point: str) -> Iterator[dict[int, Tensor]]:
+def live_resid_mid(model: ModelAdapter, point: str) -> Iterator[dict[int, Tensor]]:
     """Record resid_mid per layer during `model.forward`, for transcoders that read there.
 
     The adapter's mlp_hook sees only the MLP's normalized input; resid_mid is what its MLP-input norm is
@@ -207,7 +208,7 @@ def run_free(model: ModelAdapter, tc: Transcoder, ids: Tensor, interventions: li
     writes = DecoderWrites(tc)
     pres: list[Tensor] = []
     acts: list[Tensor] = []
-    with _live_resid_mid(model, tc.cfg.reads) as resid_mid:
+    with live_resid_mid(model, tc.cfg.reads) as resid_mid:
 
         def hook(layer: int, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
             x = resid_mid.get(layer, mlp_in)[0]
@@ -223,7 +224,7 @@ def run_free(model: ModelAdapter, tc: Transcoder, ids: Tensor, interventions: li
             return mlp_out if w is None else mlp_out + w[None].to(mlp_out.dtype)
 
         trace = model.forward(ids, mlp_hook=hook, compute_logits=False)
-    return Run(unembed_last(model, trace.final_normed), pres, acts)
+    return Run(unembed_last(model, trace.final_normed), pres, acts, [r[0] for r in trace.resid_mid])
 
 
 MODES = ("constrained", "free")

@@ -1,0 +1,141 @@
+"""`cltrace.validate`: how faithful and how complete are the attribution graphs of a transcoder set, over
+many prompts, measured as the paper measures them (see cltrace.validation)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from cltrace.errors import CltraceError
+from cltrace.models.adapter import ModelAdapter
+from cltrace.models.registry import load_model
+from cltrace.transcoders.io import check_fits, load_transcoder
+from cltrace.transcoders.transcoder import Transcoder
+from cltrace.validation.plots import plot_all
+from cltrace.validation.prompt_run import Settings, measure_prompt
+from cltrace.validation.prompts import Prompt, load_prompts
+from cltrace.validation.report import render
+from cltrace.validation.store import ResultStore, write_json
+from cltrace.validation.summary import summarize
+
+TranscoderLike = str | Path | Transcoder
+
+
+def check_settings(s: Settings) -> None:
+    """One-line errors for settings that cannot work (the library names the setting)."""
+    if s.max_features is not None and s.max_features < 1:
+        raise CltraceError(f"max_features must be at least 1 (or None for all), not {s.max_features}")
+    if s.sources < 0 or s.targets < 1:
+        raise CltraceError(f"sources must be ≥ 0 and targets ≥ 1, not {s.sources} and {s.targets}")
+    for t in (s.node_threshold, s.edge_threshold, *s.node_thresholds):
+        if not (isinstance(t, (int, float)) and 0 < t <= 1):
+            raise CltraceError(f"thresholds must be in (0, 1], not {t}")
+    if s.batch_size < 1:
+        raise CltraceError(f"batch_size must be at least 1, not {s.batch_size}")
+
+
+def fingerprint(tc: Transcoder) -> str:
+    """Config and weight checksums: results of other weights are never mixed into a resumed run."""
+    h = hashlib.sha1(json.dumps(tc.cfg.to_dict(), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for p in (tc.W_enc, tc.b_enc, tc.b_dec, tc.log_threshold):
+            h.update(repr(float(p.double().sum())).encode())
+        for s in range(tc.n_layers):
+            h.update(repr(float(tc.W_dec[s].double().sum())).encode())
+    return h.hexdigest()[:16]
+
+
+def _open(spec: TranscoderLike, model: ModelAdapter) -> tuple[Transcoder, str]:
+    if isinstance(spec, Transcoder):
+        tc, where = spec, f"{spec.cfg.kind} (in memory)"
+    else:
+        tc = load_transcoder(spec, device=model.device, dtype=model.dtype)
+        where = str(spec)
+    check_fits(tc, model)
+    return tc.eval(), where
+
+
+def _labels(specs: list[TranscoderLike]) -> list[str]:
+    names = [Path(s).name if not isinstance(s, Transcoder) else s.cfg.kind for s in specs]
+    if len(names) == 2 and names[0] == names[1]:
+        names = [f"{names[0]}-a", f"{names[1]}-b"]
+    return names
+
+
+def run_set(model: ModelAdapter, tc: Transcoder, prompts: list[Prompt], store: ResultStore, settings: Settings,
+            label: str, progress: bool, stop_after: int | None = None) -> tuple[list[dict], int]:
+    """Results of every prompt (stored ones read back, others computed and stored): (results, n computed).
+
+    stop_after: compute at most this many prompts, then stop (how the tests interrupt a run).
+    """
+    results, computed = [], 0
+    bar = tqdm(prompts, desc=f"validate {label}", unit="prompt", disable=not progress, dynamic_ncols=True)
+    for p in bar:
+        res = store.load(p)
+        if res is None:
+            if stop_after is not None and computed >= stop_after:
+                break
+            res = measure_prompt(model, tc, p, settings)
+            store.save(p, res)
+            computed += 1
+        results.append(res)
+        done = [r["completeness_pruned"] for r in results if r.get("completeness_pruned") is not None]
+        bar.set_postfix(completeness=f"{sum(done) / max(1, len(done)):.3f}", refresh=False)
+    return results, computed
+
+
+def validate(model: ModelAdapter | str, transcoders: TranscoderLike, prompts: str | Path | list[str] | None = None, *,
+             out: str | Path, compare: TranscoderLike | None = None, n: int | None = None, corpus: str | None = None,
+             context_len: int = 16, settings: Settings | None = None, progress: bool = True,
+             command: str | None = None, log: Callable[[str], None] | None = None,
+             stop_after: int | None = None) -> dict:
+    """Validate the attribution graphs of `transcoders` (and of `compare`) on a prompt set; write `out`.
+
+    prompts: a list of texts or a prompt file; else `n` held-out contexts of `corpus` (context_len tokens);
+    else the built-in set (cltrace.validation.default_prompts). n: the first n prompts.
+    out/<label>/prompts/*.json hold one result per prompt (a rerun computes only missing ones);
+    out/validation.json the summaries, out/report.md the report, out/*.png the plots.
+    Returns {"summaries", "computed", "out", "files"}.
+    """
+    settings = settings or Settings()
+    check_settings(settings)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CltraceError(f"--out {out} is a file: give a folder")
+    if isinstance(model, str):
+        model = load_model(model)
+    plist = load_prompts(model, prompts, n=n, corpus=corpus, context_len=context_len)
+    specs = [transcoders] + ([compare] if compare is not None else [])
+    labels = _labels(specs)
+    summaries, computed, runs, where = {}, {}, {}, {}
+    for label, spec in zip(labels, specs):
+        tc, where[label] = _open(spec, model)  # one set in memory at a time
+        identity = {"model": model.name, "transcoder": fingerprint(tc), "kind": tc.cfg.kind,
+                    "settings": settings.to_dict()}
+        store = ResultStore(out / label, identity)
+        results, computed[label] = run_set(model, tc, plist, store, settings, label, progress, stop_after)
+        del tc
+        if len(results) < len(plist):  # interrupted on purpose (stop_after)
+            return {"summaries": {}, "computed": computed, "out": str(out), "files": [], "complete": False}
+        summaries[label] = summarize(results)
+        runs[label] = (summaries[label], results)
+        if log:
+            s = summaries[label]["scores"]
+            log(f"{label}: {len(results)} prompts ({computed[label]} computed), completeness "
+                f"{s['completeness']['mean']:.3f} ({s['completeness_pruned']['mean']:.3f} pruned), replacement "
+                f"{s['replacement']['mean']:.3f}")
+    source = (f"{len(plist)} held-out contexts of {context_len} tokens from corpus {corpus}" if corpus else
+              f"file {prompts}" if isinstance(prompts, (str, Path)) else
+              "the built-in set" if prompts is None else "a list")
+    info = {"model": model.name, "transcoders": where, "settings": settings.to_dict(), "prompts": source,
+            "command": command}
+    write_json(out / "validation.json", {"info": info, "summaries": summaries})
+    files = plot_all(runs, out)
+    (out / "report.md").write_text(render(summaries, info))
+    return {"summaries": summaries, "computed": computed, "out": str(out), "complete": True,
+            "files": [str(out / "validation.json"), str(out / "report.md")] + [str(f) for f in files]}
