@@ -9,6 +9,7 @@ only the page's own escaping stands between that text and execution.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -140,6 +141,15 @@ def test_the_whole_workflow(browser_page, viewer_served):
     page.get_by_test_id("suggestions").locator("p, .suggestion").first.wait_for()
     shot(page, "06-supernode")
 
+    # drag a subgraph node: its position is kept in the state
+    page.get_by_test_id("sg-node").first.scroll_into_view_if_needed()
+    box = page.get_by_test_id("sg-node").first.bounding_box()
+    page.mouse.move(box["x"] + 20, box["y"] + 10)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 80, box["y"] + 60, steps=5)
+    page.mouse.up()
+    page.wait_for_function("() => Object.keys(__cltrace.state().layout).length === 1")
+
     # re-prune at a new node threshold (on the server)
     before = page.get_by_test_id("graph-info").inner_text()
     page.get_by_test_id("node-threshold").fill("0.6")
@@ -147,6 +157,16 @@ def test_the_whole_workflow(browser_page, viewer_served):
     page.wait_for_function("() => document.querySelector('[data-testid=graph-info]').textContent.includes('0.6/0.98')")
     assert page.get_by_test_id("graph-info").inner_text() != before
     shot(page, "07-repruned")
+
+    # logit difference: a virtual node on top, selected, with its input edges listed
+    page.get_by_test_id("diff-a").select_option("0")
+    page.get_by_test_id("diff-b").select_option("1")
+    page.wait_for_function("() => __cltrace.state().clicked === 'diff_0_1'")
+    assert page.get_by_test_id("edges-in").locator("li").count() > 0
+    assert "diff=0%2C1" in page.url or "diff=0,1" in page.url
+    shot(page, "07b-logit-diff")
+    page.get_by_test_id("diff-a").select_option("")
+    page.keyboard.press("Escape")
 
     # search by label
     page.get_by_test_id("search").fill("script")
@@ -161,9 +181,15 @@ def test_the_whole_workflow(browser_page, viewer_served):
     assert [s["name"] for s in st["supernodes"]] == ["Jordan features"]
     assert page.get_by_test_id("sn-name").input_value() == "Jordan features"
     assert page.get_by_test_id("node-threshold").input_value() == "0.6"
-    page.get_by_test_id("dash-label").wait_for()
-    assert page.get_by_test_id("dash-label").inner_text() == EVIL  # the clicked node came back from the URL
+    assert page.get_by_test_id("sg-node").count() == 2
     shot(page, "08-reloaded")
+    # a link with the clicked node reopens it (its label read back from the database)
+    page.goto(f"{url}?graph=evil&node=0.8&edge=0.98&clicked={target}")
+    ready(page)
+    page.get_by_test_id("dash-label").wait_for()
+    assert page.get_by_test_id("dash-label").inner_text() == EVIL
+    assert page.evaluate("() => __cltrace.state().node_threshold") == 0.8
+    shot(page, "08b-link")
 
     # steer: ablate the pinned features (multiplier 0), 4 tokens, constrained
     page.get_by_test_id("steer-n").fill("4")
@@ -183,6 +209,13 @@ def test_the_whole_workflow(browser_page, viewer_served):
         page.get_by_test_id("export-sub-svg").click()
     assert "Jordan features" in Path(dl.value.path()).read_text()
     (SHOTS / "export.svg").write_text(svg)
+    with page.expect_download() as dl:
+        page.get_by_test_id("export-png").click()
+    assert Path(dl.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with page.expect_download() as dl:
+        page.get_by_test_id("export-sub-json").click()
+    sub = json.loads(Path(dl.value.path()).read_text())
+    assert len(sub["qParams"]["pinnedIds"]) == 3 and sub["qParams"]["supernodes"][0][0] == "Jordan features"
 
     # trace a new graph from the page, with progress, and open it
     page.get_by_test_id("new-graph").click()
