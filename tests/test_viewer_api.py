@@ -344,3 +344,14 @@ def test_cli_serve_errors_are_one_line(capsys, tmp_path):
     assert "is not a folder" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--model", "x"]) == 2
     assert "go together" in capsys.readouterr().err
+
+
+def test_a_chunked_body_over_the_limit_is_413(viewer_served):
+    app = make_app(viewer_served.root, token=TOKEN, max_body=1000)
+    with TestClient(app, base_url=BASE) as c:
+        def chunks():
+            for _ in range(20):
+                yield b" " * 100
+        r = c.put("/api/graphs/evil/state", content=chunks(), headers=H)  # no Content-Length
+        assert r.status_code == 413 and "limit" in r.json()["error"]
+        assert c.get("/healthz").text == "ok"

@@ -102,7 +102,14 @@ class Viewer:
 
 async def body(request: Request, model: type[BaseModel]) -> BaseModel:
     """The request's JSON body validated as `model`, or a 400/422 that says what is wrong."""
-    raw = await request.body()
+    limit = request.scope.get("state", {}).get("max_body", 1 << 20)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         data = json.loads(raw or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

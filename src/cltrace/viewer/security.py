@@ -7,7 +7,8 @@ answer changes to 127.0.0.1 can even read the responses (DNS rebinding). So:
   * a request that changes state or runs the model must carry the per-server token (X-Cltrace-Token), which
     only pages served by this server know (it is written into index.html, which other origins cannot read),
     and an Origin header, when present, must be this server's;
-  * bodies over `max_body` bytes are refused with 413 before they are read in full.
+  * bodies over `max_body` bytes are refused with 413: by Content-Length before they are read, and a body
+    sent without one (chunked) is cut off at the limit while it is read (app.body).
 Every response gets a Content-Security-Policy that allows only this server's own scripts and styles (no inline
 script, no external loads), so text that slipped into the page unescaped still could not run.
 """
@@ -71,36 +72,14 @@ class Guard:
                 return await _deny(send, 400, "bad Content-Length")
             if length > self.max_body:
                 return await _deny(send, 413, f"request body of {length} bytes is over the {self.max_body}-byte limit")
-            receive = _limited(receive, self.max_body)
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 message = {**message, "headers": list(message.get("headers", [])) + HEADERS}
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_headers)
-        except BodyTooLarge:
-            await _deny(send, 413, f"request body is over the {self.max_body}-byte limit")
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-def _limited(receive, limit: int):
-    seen = 0
-
-    async def inner():
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise BodyTooLarge()
-        return message
-
-    return inner
+        scope.setdefault("state", {})["max_body"] = self.max_body  # bodies without a length: app.body()
+        await self.app(scope, receive, send_with_headers)
 
 
 async def _deny(send, status: int, message: str) -> None:

@@ -62,6 +62,7 @@ class GraphStore:
         self.cache: dict[str, Loaded] = {}
         self.cache_size = cache_size
         self.lock = threading.Lock()
+        self.reserved: set[str] = set()  # names handed out for graphs being traced
 
     # ------------------------------------------------------------------ names -> files
     def path_of(self, name: str) -> Path:
@@ -92,8 +93,10 @@ class GraphStore:
         """A name like `wanted` (made safe) that no file in the folder has yet."""
         base = re.sub(r"[^A-Za-z0-9_-]+", "-", wanted).strip("-_")[:60] or "graph"
         name, i = base, 2
-        while (self.root / (name + SUFFIX)).exists():
-            name, i = f"{base}-{i}", i + 1
+        with self.lock:  # two traces asked for at once must not get the same name
+            while (self.root / (name + SUFFIX)).exists() or name in self.reserved:
+                name, i = f"{base}-{i}", i + 1
+            self.reserved.add(name)
         return name
 
     # ------------------------------------------------------------------ graphs
