@@ -122,10 +122,10 @@ def input_effects(model, tc, *, n: int = 10, max_elements: int = 1 << 25,
     ok = listable_tokens(model).to(model.device)
     ids_out, vals_out = [], []
     for layer in _layers(tc, progress, "input effects"):
-        def pre(lo: int, hi: int, layer: int = layer) -> Tensor:  # [F, c]
+        def pre(lo: int, hi: int, layer: int = layer) -> Tensor:  # [F, c], contiguous (the top-k runs along c)
             ids = torch.arange(lo, hi, device=model.device)
             x = token_inputs(model, tc, layer, ids).to(tc.W_enc.device)
-            return (x @ tc.W_enc[layer] + tc.b_enc[layer]).float().T.to(model.device)
+            return torch.addmm(tc.b_enc[layer][:, None], tc.W_enc[layer].T, x.T).float().to(model.device)
 
         i, v = _extremes_over_vocab(pre, ok, n, tc.n_features, max_elements)
         ids_out.append(i)
