@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,6 +69,18 @@ def _labels(specs: list[TranscoderLike]) -> list[str]:
     return names
 
 
+def compact(result: dict) -> dict:
+    """What the summary and plots need of a prompt's result, with number lists as float arrays (8 bytes a
+    number instead of a Python float's ~32): the run holds one of these per prompt, and one graph."""
+    out = {k: v for k, v in result.items() if k not in ("ids", "tokens", "perturbations")}
+    out["perturbations"] = [
+        {k: (array("d", (math.nan if x is None else x for x in v)) if isinstance(v, list) else
+             {d: array("d", (math.nan if x is None else x for x in xs)) for d, xs in v.items()})
+         for k, v in p.items() if k not in ("source", "targets", "activation")}
+        for p in result.get("perturbations", [])]
+    return out
+
+
 def run_set(model: ModelAdapter, tc: Transcoder, prompts: list[Prompt], store: ResultStore, settings: Settings,
             label: str, progress: bool, stop_after: int | None = None) -> tuple[list[dict], int]:
     """Results of every prompt (stored ones read back, others computed and stored): (results, n computed).
@@ -83,7 +97,7 @@ def run_set(model: ModelAdapter, tc: Transcoder, prompts: list[Prompt], store: R
             res = measure_prompt(model, tc, p, settings)
             store.save(p, res)
             computed += 1
-        results.append(res)
+        results.append(compact(res))
         done = [r["completeness_pruned"] for r in results if r.get("completeness_pruned") is not None]
         bar.set_postfix(completeness=f"{sum(done) / max(1, len(done)):.3f}", refresh=False)
     return results, computed

@@ -31,9 +31,9 @@ def faithfulness(results: list[dict]) -> dict:
         for p in r.get("perturbations", []):
             n_sources += 1
             for k in ("direct", "total", "influence"):
-                cols[k] += p[f"pred_{k}"]
+                cols[k].extend(p[f"pred_{k}"])
             for k in MEASURES:
-                cols[k] += p[k]
+                cols[k].extend(p[k])
     t = {k: torch.tensor(v, dtype=torch.float64) for k, v in cols.items()}
     out: dict = {"n_pairs": len(cols["direct"]), "n_sources": n_sources, "spearman": {}}
     for pred in PREDICTIONS:
@@ -54,7 +54,7 @@ def drift(results: list[dict], which: str) -> list[dict]:
         for p in r.get("perturbations", []):
             d = p[f"drift_{which}"]
             for k, (c, e) in enumerate(zip(d["cosine"], d["nmse"]), start=1):
-                if c is not None:
+                if c is not None and math.isfinite(c):  # None (a file) or NaN (compact): no real effect
                     by_k.setdefault(k, ([], []))
                     by_k[k][0].append(c)
                     by_k[k][1].append(e)
