@@ -39,7 +39,10 @@ class Settings:
 
 def sample_pairs(graph: Graph, settings: Settings, seed: int) -> tuple[list[int], list[list[int]]]:
     """Source feature nodes (kept by pruning, with a feature downstream) and, per source, target feature nodes
-    at a later layer and the same or a later position, drawn uniformly without replacement."""
+    at a later layer and the same or a later position, drawn uniformly without replacement.
+
+    When pruning keeps no such feature (errors hold nearly all the influence), sources come from every graph
+    feature instead, so that the graph's edges are still tested."""
     g = torch.Generator().manual_seed(seed)
     feats = graph.features  # [nf, 3] (layer, pos, feature)
     nf = graph.n_features
@@ -47,6 +50,8 @@ def sample_pairs(graph: Graph, settings: Settings, seed: int) -> tuple[list[int]
     layer, pos = feats[:, 0], feats[:, 1]
     down = (layer[None, :] > layer[:, None]) & (pos[None, :] >= pos[:, None])  # [s, t]
     candidates = (kept & down.any(1)).nonzero().flatten()
+    if candidates.numel() == 0:
+        candidates = down.any(1).nonzero().flatten()
     pick = candidates[torch.randperm(candidates.numel(), generator=g)[:settings.sources]].sort().values.tolist()
     targets = []
     for s in pick:
