@@ -114,7 +114,8 @@ def validate(model: ModelAdapter | str, transcoders: TranscoderLike, prompts: st
     else the built-in set (cltrace.validation.default_prompts). n: the first n prompts.
     out/<label>/prompts/*.json hold one result per prompt (a rerun computes only missing ones);
     out/validation.json the summaries, out/report.md the report, out/*.png the plots.
-    Returns {"summaries", "computed", "out", "files"}.
+    stop_after: compute at most this many new prompts per set, then return without a summary (an interrupted
+    run, for tests). Returns {"summaries", "computed" (new results per set), "out", "files", "complete"}.
     """
     settings = settings or Settings()
     check_settings(settings)
