@@ -173,7 +173,7 @@ def test_the_whole_workflow(browser_page, viewer_served):
     page.get_by_test_id("search-hit").first.wait_for()
 
     # reload: everything restored from the server
-    page.wait_for_timeout(400)  # the state is saved 250 ms after the last change
+    page.wait_for_function("() => __cltrace.saved")  # the state is saved 250 ms after the last change
     page.reload()
     ready(page)
     st = page.evaluate("() => __cltrace.state()")
@@ -212,6 +212,11 @@ def test_the_whole_workflow(browser_page, viewer_served):
     with page.expect_download() as dl:
         page.get_by_test_id("export-png").click()
     assert Path(dl.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with page.expect_download() as dl:
+        page.get_by_test_id("export-sub-png").click()
+    png = Path(dl.value.path()).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    (SHOTS / "export-subgraph.png").write_bytes(png)
     with page.expect_download() as dl:
         page.get_by_test_id("export-sub-json").click()
     sub = json.loads(Path(dl.value.path()).read_text())

@@ -40,6 +40,7 @@ class App {
     $("export-json").onclick = () => this.exportJson(false);
     $("export-sub-json").onclick = () => this.exportJson(true);
     $("export-sub-svg").onclick = () => download(`${this.name}-subgraph.svg`, new Blob([this.sub.toSVG()], {type: "image/svg+xml"}));
+    $("export-sub-png").onclick = async () => download(`${this.name}-subgraph.png`, await this.sub.toPNG());
     $("new-graph-btn").onclick = () => $("new-graph").showModal();
     $("ng-close").onclick = () => $("new-graph").close();
     $("ng-go").onclick = () => this.trace();
@@ -85,7 +86,7 @@ class App {
   }
 
   async open(name, q = new URLSearchParams()) {
-    this.name = name;
+    this.name = name; this.logitsOf = null;
     $("graph-list").hidden = true; $("graph-wrap").hidden = false; $("graph-select").value = name;
     this.nodePane.clear(); clear($("suggestions")); clear($("steer-result"));
     try {
@@ -103,11 +104,13 @@ class App {
     this.steer.render();
   }
 
+  // returns false when a later request overtook this one (its answer is dropped: the last request wins)
   async loadView(timing) {
-    const t0 = performance.now();
+    const t0 = performance.now(), seq = this.viewSeq = (this.viewSeq || 0) + 1;
     let v;
     try { v = await api.view(this.name, this.state.node_threshold, this.state.edge_threshold, this.diff); }
-    catch (e) { this.status(e.message, true); return; }
+    catch (e) { this.status(e.message, true); return false; }
+    if (seq !== this.viewSeq) return false;
     const t1 = performance.now();
     this.d = decodeView(v);
     this.view.pinned = new Set(this.state.pinned); this.view.selected = -1; this.view.marked = new Set();
@@ -119,9 +122,13 @@ class App {
     $("graph-info").textContent = `${v.prompt}  —  showing ${c.nodes_shown} of ${c.nodes_total} nodes (${c.features_shown} of ${c.features_total} features), ${c.edges_shown} of ${c.edges_total} edges after pruning at ${v.node_threshold}/${v.edge_threshold}` +
       (s ? ` · whole graph: replacement ${s.replacement.toFixed(3)}, completeness ${s.completeness.toFixed(3)}` : "") + ` · ${v.model}`;
     this.syncUrl();
+    return true;
   }
 
+  // the two logit pickers: rebuilt for a new graph only, so a half-made choice survives a re-prune
   fillLogits(v) {
+    if (this.logitsOf === this.name) return;
+    this.logitsOf = this.name;
     for (const [id, k] of [["diff-a", 0], ["diff-b", 1]]) {
       const sel = clear($(id));
       sel.append(el("option", {value: "", text: "–"}));
@@ -133,9 +140,8 @@ class App {
   async setDiff() {
     const a = $("diff-a").value, b = $("diff-b").value;
     this.diff = a !== "" && b !== "" && a !== b ? [parseInt(a, 10), parseInt(b, 10)] : null;
-    if ((a === "" || b === "") && !this.diff) { await this.loadView("diff"); return; }
-    await this.loadView("diff");
-    if (this.diff) this.select(this.d.index.get(`diff_${this.diff[0]}_${this.diff[1]}`));
+    const diff = this.diff;
+    if (await this.loadView("diff") && diff) this.select(this.d.index.get(`diff_${diff[0]}_${diff[1]}`));
   }
 
   async reprune() {
@@ -143,7 +149,7 @@ class App {
     if (!(node > 0 && node <= 1 && edge > 0 && edge <= 1)) { this.status("thresholds must be in (0, 1]", true); return; }
     const clicked = this.view.selected >= 0 ? this.d.id[this.view.selected] : null;
     this.state.node_threshold = node; this.state.edge_threshold = edge;
-    await this.loadView("prune");
+    if (!(await this.loadView("prune"))) return;
     if (clicked && this.d.index.has(clicked)) this.select(this.d.index.get(clicked));
     this.status(`re-pruned in ${this.timings.prune.toFixed(0)} ms`);
     this.changed(false);
@@ -184,13 +190,15 @@ class App {
     else this.sub.renderSvg();
     this.syncUrl();
     clearTimeout(this.saveTimer);
-    this.saveTimer = setTimeout(() => this.save(), 250);
+    this.saveTimer = setTimeout(() => { this.saveTimer = null; this.save(); }, 250);
   }
 
   async save() {
     if (!this.name) return;
+    this.saving = (this.saving || 0) + 1;
     try { await api.saveState(this.name, this.state); this.saves++; this.status("saved"); }
     catch (e) { this.status(`not saved: ${e.message}`, true); }
+    finally { this.saving--; }
   }
 
   syncUrl() {
@@ -252,6 +260,7 @@ window.__cltrace = {
   get ready() { return app.ready; },
   get timings() { return {...app.timings, ...app.view.timings}; },
   state: () => JSON.parse(JSON.stringify(app.state)),
+  get saved() { return !app.saveTimer && !app.saving; },
   nodeScreenPos: id => app.view.screenPos(id),
   nodeIds: () => (app.d ? app.d.id.slice() : []),
   kindOf: id => (app.d ? app.d.kind[app.d.index.get(id)] : -1),

@@ -180,5 +180,32 @@ export class SubgraphPane {
     });
   }
 
-  toSVG() { return new XMLSerializer().serializeToString(this.svg); }
+  toSVG() {
+    const copy = this.svg.cloneNode(true);
+    const r = this.svg.getBoundingClientRect();
+    copy.setAttribute("width", Math.round(r.width)); copy.setAttribute("height", Math.round(r.height));
+    copy.setAttribute("font-family", "sans-serif");
+    const bg = document.createElementNS(NS, "rect");
+    bg.setAttribute("width", "100%"); bg.setAttribute("height", "100%"); bg.setAttribute("fill", "#fff");
+    copy.insertBefore(bg, copy.firstChild);
+    return new XMLSerializer().serializeToString(copy);
+  }
+
+  // the SVG drawn at twice its size into a canvas (for slides and papers that want pixels)
+  toPNG() {
+    const r = this.svg.getBoundingClientRect(), scale = 2;
+    const url = URL.createObjectURL(new Blob([this.toSVG()], {type: "image/svg+xml"}));
+    return new Promise((resolve, reject) => {
+      const img = new Image();
+      img.onload = () => {
+        const c = document.createElement("canvas");
+        c.width = Math.round(r.width * scale); c.height = Math.round(r.height * scale);
+        c.getContext("2d").drawImage(img, 0, 0, c.width, c.height);
+        URL.revokeObjectURL(url);
+        c.toBlob(resolve, "image/png");
+      };
+      img.onerror = () => { URL.revokeObjectURL(url); reject(new Error("could not draw the subgraph")); };
+      img.src = url;
+    });
+  }
 }
