@@ -15,7 +15,10 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("folder", help="transcoder folder (written by `cltrace train`)")
     p.add_argument("--model", "-m", help="the model it was trained on (default: the name saved with it)")
     p.add_argument("--tokens", type=float, default=8192, help="held-out tokens to evaluate on (default 8192)")
-    p.add_argument("--corpus", help="corpus spec whose held-out split is used (default: the small built-in one)")
+    p.add_argument("--corpus", help="corpus spec to evaluate on (default: the small built-in one)")
+    p.add_argument("--split", choices=["eval", "train", "all"],
+                   help="which documents of the corpus: eval (the 2%% hash-held-out split), train, or all "
+                        "(default: eval for the built-in corpora and hub datasets, all for a local file or folder)")
     p.add_argument("--context-len", type=int, default=128, help="tokens per context (default 128)")
     p.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass (default 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -36,11 +39,12 @@ def run(args, ctx) -> int:
     if args.tokens < 1 or args.context_len < 2 or args.batch_size < 1:
         raise CltraceError("--tokens and --batch-size must be positive and --context-len at least 2")
     res = evaluate(model, tc, args.corpus, int(args.tokens), context_len=args.context_len,
-                   batch_size=args.batch_size, log=ctx.log if ctx.verbose else None)
+                   batch_size=args.batch_size, split=args.split, log=ctx.log if ctx.verbose else None)
     if args.json:
         print(json.dumps(res))
         return 0
-    print(f"{res['kind']} {res['activation']} F={res['n_features']} on {res['model']}, {res['n_tokens']} tokens")
+    print(f"{res['kind']} {res['activation']} F={res['n_features']} on {res['model']}, {res['n_tokens']} tokens "
+          f"({res['split']} split)")
     print(f"{'layer':>5} {'NMSE':>8} {'EV':>8} {'L0':>8} {'dead':>6}")
     for i, (n, e, l0, d) in enumerate(zip(res["nmse_layers"], res["explained_variance_layers"], res["l0_layers"],
                                          res["dead_fraction_layers"])):

@@ -15,6 +15,7 @@ Special-token positions keep their true MLP output (they are outside the trainin
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -60,29 +61,47 @@ class _Splice:
         return out.view(B, T, D)
 
 
-def eval_contexts(model, corpus_spec=None, n_tokens: int = 8192, context_len: int = 128) -> Tensor:
-    """[B, T] held-out contexts of the corpus (its eval split), about n_tokens in all."""
-    stream = ContextStream(corpus_spec, model.tokenizer, context_len, split="eval", loop=False)
+def default_split(corpus_spec) -> str:
+    """The split to evaluate on when none is named: "eval" (the held-out 2%) for the built-in corpora and hub
+    datasets, which training reads; "all" for a local file or folder, which is text the user holds out (its
+    hash split alone is too small to fill a context: a 259 KB file holds out about 5 KB)."""
+    if corpus_spec is None or str(corpus_spec) in ("small", "large") or str(corpus_spec).startswith("hf:"):
+        return "eval"
+    return "all" if Path(str(corpus_spec)).expanduser().exists() else "eval"
+
+
+def eval_contexts(model, corpus_spec=None, n_tokens: int = 8192, context_len: int = 128, *,
+                  split: str | None = None) -> Tensor:
+    """[B, T] contexts of the corpus' `split` ("eval", "train" or "all"; None: `default_split`), about n_tokens."""
+    split = split or default_split(corpus_spec)
+    stream = ContextStream(corpus_spec, model.tokenizer, context_len, split=split, loop=False)
     ctxs = stream.take(max(1, math.ceil(n_tokens / context_len)))
     if not ctxs:
-        raise CltraceError(f"the held-out split of corpus {corpus_spec or 'small'} has no context of "
-                           f"{context_len} tokens: use a larger corpus or a shorter context")
+        what = "held-out split" if split == "eval" else f"{split!r} split"
+        hint = " (evaluate a file you hold out whole with split 'all')" if split != "all" else ""
+        raise CltraceError(f"the {what} of corpus {corpus_spec or 'small'} has no context of {context_len} "
+                           f"tokens: use a larger corpus or a shorter context{hint}")
     return torch.tensor(ctxs, dtype=torch.long)
 
 
 @torch.no_grad()
 def evaluate(model, transcoder: Transcoder, corpus_spec=None, n_tokens: int = 8192, *, context_len: int = 128,
-             batch_size: int = 8, ids: Tensor | None = None, splice_special: bool = False, log=None) -> dict:
+             batch_size: int = 8, ids: Tensor | None = None, splice_special: bool = False, split: str | None = None,
+             log=None) -> dict:
     """Reconstruction and replacement-model metrics of `transcoder` on `model` (see the module docstring).
 
     ids [B, T]: evaluate on these contexts instead of the corpus' held-out split.
+    split: the corpus split to read ("eval", "train", "all"; None: "eval" for built-in corpora, "all" for a
+    local file or folder, see `default_split`); recorded in the result.
     Returns a JSON-able dict: nmse, explained_variance, l0, dead_fraction, ce_original, ce_spliced,
     ce_increase, kl, top1_agreement (means), the per-layer lists *_layers, and n_tokens.
     """
     tc = transcoder.eval()
     check_fits(tc, model)
+    ids_from_corpus = ids is None
     if ids is None:
-        ids = eval_contexts(model, corpus_spec, n_tokens, context_len)
+        split = split or default_split(corpus_spec)
+        ids = eval_contexts(model, corpus_spec, n_tokens, context_len, split=split)
     ids = ids.to(model.device)
     _, _, specials = special_tokens(model.tokenizer)
     L, Fn = tc.n_layers, tc.n_features
@@ -141,7 +160,7 @@ def evaluate(model, transcoder: Transcoder, corpus_spec=None, n_tokens: int = 81
         "nmse_layers": _r(nmse), "explained_variance_layers": _r(ev), "l0_layers": _r(l0_layers),
         "dead_fraction_layers": _r(dead.float().mean(1)),
         "n_tokens": n_rec, "n_predictions": n_pred, "model": model.name, "kind": tc.cfg.kind,
-        "activation": tc.cfg.activation, "n_features": Fn,
+        "activation": tc.cfg.activation, "n_features": Fn, "split": split if ids_from_corpus else None,
     }
     return out
 

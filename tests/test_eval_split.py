@@ -1,0 +1,95 @@
+"""`cltrace eval --corpus FILE --split`: a user's file is evaluated whole by default (its hash-held-out part alone
+is usually empty), any split can be named, and the built-in corpus keeps its held-out default. Tiny model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import torch
+
+from cltrace.data.corpus import open_corpus
+from cltrace.data.tokens import split_docs
+from cltrace.training.evaluate import default_split, eval_contexts, evaluate
+
+
+def _write_text_file(path, n_docs: int = 3) -> list[str]:
+    """A .txt of a few ~8,000-character documents (blank-line separated paragraphs), each with a marker word."""
+    rng = random.Random(0)
+    words = ["river", "stone", "field", "lamp", "winter", "harbor", "paper", "signal"]
+    paras = []
+    markers = []
+    for d in range(n_docs):
+        marker = f"MARKER{d}"
+        markers.append(marker)
+        for p in range(4):
+            body = " ".join(rng.choice(words) for _ in range(330))
+            paras.append(f"{marker} {body}" if p == 0 else body)
+    path.write_text("\n\n".join(paras) + "\n")
+    return markers
+
+
+def _tiny_transcoder_folder(tmp_path, model_dir):
+    from cltrace.models.registry import load_model
+    from cltrace.transcoders.io import save_transcoder
+    from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
+
+    model = load_model(str(model_dir))
+    torch.manual_seed(0)
+    tc = Transcoder(TranscoderConfig(kind="clt", n_layers=model.n_layers, d_model=model.d_model, n_features=16,
+                                     activation="relu", model_name=str(model_dir)))
+    return save_transcoder(tc, tmp_path / "tc"), model, tc
+
+
+def test_default_split_is_eval_for_builtin_corpora_and_all_for_a_local_file(tmp_path):
+    f = tmp_path / "mine.txt"
+    f.write_text("hello\n")
+    assert default_split(None) == "eval" and default_split("small") == "eval" and default_split("large") == "eval"
+    assert default_split("owner/dataset") == "eval" and default_split("hf:owner/dataset") == "eval"
+    assert default_split(str(f)) == "all" and default_split(str(tmp_path)) == "all"
+
+
+def test_eval_reads_a_whole_user_file_where_its_held_out_split_is_empty(tmp_path, capsys):
+    from cltrace.cli import main
+    from cltrace.models.tiny import save_tiny
+
+    text_file = tmp_path / "held_out.txt"
+    markers = _write_text_file(text_file)
+    docs = list(open_corpus(str(text_file)))
+    assert len(docs) >= 3 and not list(split_docs(iter(docs), "eval", 0.02))  # the issue: nothing is held out
+    model_dir = save_tiny("llama", tmp_path / "tiny")
+    folder, model, tc = _tiny_transcoder_folder(tmp_path, model_dir)
+    common = ["eval", str(folder), "--model", str(model_dir), "--corpus", str(text_file), "--context-len", "64",
+              "--json"]
+
+    # the held-out split alone has no context: the old behaviour, now only when asked for
+    assert main(common + ["--tokens", "256", "--split", "eval"]) == 2
+    assert "no context of 64 tokens" in capsys.readouterr().err
+
+    # the default for a file is the whole file; enough tokens to reach every document
+    n_tokens = 64 * 400
+    assert main(common + ["--tokens", str(n_tokens)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["split"] == "all"
+    ids = eval_contexts(model, str(text_file), n_tokens, 64, split="all")
+    assert res["n_predictions"] == ids.shape[0] * 63
+    text = "".join(model.tokenizer.decode(row) for row in ids.tolist())
+    assert all(m in text for m in markers)  # every document of the file was read
+    direct = evaluate(model, tc, ids=ids)
+    assert res["nmse"] == direct["nmse"] and res["top1_agreement"] == direct["top1_agreement"]
+
+    # --split train of the same file is the same documents here (none is held out)
+    assert main(common + ["--tokens", str(n_tokens), "--split", "train"]) == 0
+    train_res = json.loads(capsys.readouterr().out)
+    assert train_res["split"] == "train" and train_res["n_predictions"] == res["n_predictions"]
+    assert train_res["nmse"] == res["nmse"]
+
+
+def test_builtin_corpus_still_evaluates_its_held_out_split(tmp_path):
+    from cltrace.models.tiny import tiny_model
+
+    model = tiny_model("llama")
+    held = eval_contexts(model, None, 512, 64)
+    explicit = eval_contexts(model, None, 512, 64, split="eval")
+    train_ids = eval_contexts(model, None, 512, 64, split="train")
+    assert torch.equal(held, explicit) and not torch.equal(held, train_ids)
