@@ -51,8 +51,10 @@ class TrainConfig:
     # ------------------------------------------------------------------ topk / batchtopk
     auxk: float = 0.0  # coefficient of the AuxK dead-feature loss (0 = off; 1/32 is customary)
     auxk_k: int = 0  # features the AuxK loss revives per token and layer (0 = 2·k)
+    resample_every: int = 0  # steps between re-initializations of the dead features (0 = off; training/resample.py)
+    resample_until: float = 0.8  # no resampling after this fraction of the steps (a late one could not learn)
     # ------------------------------------------------------------------ bookkeeping
-    dead_tokens: int = 1_000_000  # a feature is dead when it has not fired for this many tokens
+    dead_tokens: int = 1_000_000  # a feature is dead when it has not fired for this many tokens (AuxK, resampling)
     dense_frequency: float = 0.1  # a feature is dense when it fires on more than this fraction of tokens
     sparse_decode: str = "auto"  # auto | always | never: decode only the active features (auto: when ≤5% fire;
     #                              dense on a GPU under bf16, where tensor cores win)
@@ -97,6 +99,8 @@ class TrainConfig:
             bad(f"sparse_decode must be auto, always or never, not {self.sparse_decode!r}")
         if self.lr <= 0:
             bad("lr must be positive")
+        if self.resample_every < 0:
+            bad("resample_every must be 0 (off) or a number of steps")
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict:

@@ -48,6 +48,7 @@ from cltrace.training.losses import (
 )
 from cltrace.training.metrics import FeatureStats, MetricsLog, plot_curves
 from cltrace.training.optim import AdamW
+from cltrace.training.resample import resample_dead, resample_generator, token_errors
 from cltrace.training.schedule import lr_factor, sparsity_factor
 from cltrace.training.sharding import make_transcoder, sharded_auxk_acts, sharded_forward, shared_parameters
 from cltrace.transcoders.io import save_transcoder
@@ -76,6 +77,9 @@ class Trainer:
         self.out = Path(cfg.out)
         self.model_name = model_name
         self.source_share = self.dist.source_is_share(source)  # batches are this data rank's rows already
+        if cfg.resample_every and self.dist.distributed:
+            raise SettingError("resampling dead features runs on one process only (resample_every=0 under "
+                               "torchrun)", ("resample_every",))
         L, D = source.n_layers, source.d_model
         tc_cfg = TranscoderConfig(
             kind=cfg.kind, n_layers=L, d_model=D, n_features=cfg.features_per_layer, activation=cfg.activation,
@@ -91,6 +95,7 @@ class Trainer:
         self.y_scale = torch.ones(L, device=self.device)  # [L] outputs too
         self.y_var = torch.ones(L, device=self.device)  # [L] variance of normalized outputs (loss weights)
         self.step = 0
+        self._resampled_since_log = 0
         self._last_ckpt_time = time.monotonic()
         self.last_checkpoint: Path | None = None
 
@@ -260,8 +265,22 @@ class Trainer:
                 self._update_batchtopk_threshold(fwd)
             l0 = d.reduce_over_features(self.stats.update(fwd))  # [L] summed over feature shards
         self.step += 1
+        if (cfg.resample_every and self.step % cfg.resample_every == 0
+                and self.step <= cfg.resample_until * cfg.steps):
+            self._resample(x, y, recon)
         return {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "nmse_layers": nmse, "l0_layers": l0,
                 "lr": lr, "lambda": lam, "grad_norm": gnorm.item()}
+
+    @torch.no_grad()
+    def _resample(self, x: Tensor, y: Tensor, recon: Tensor) -> int:
+        """Re-initialize the features dead for `dead_tokens` tokens (training/resample.py); returns how many."""
+        dead = self.stats.dead(self.cfg.dead_tokens)
+        if not dead.any():
+            return 0
+        counts = resample_dead(self.tc, self.opt, self.stats, dead, x, token_errors(recon, y),
+                               resample_generator(self.cfg.seed, self.step))
+        self._resampled_since_log += int(counts.sum())
+        return int(counts.sum())
 
     def _normalized(self, t: Tensor, scale: Tensor) -> Tensor:
         """Raw rows [N, L, D] -> t / scale[l], float32 on the device, laid out layer-major ([L, N, D] in memory)
@@ -357,9 +376,11 @@ class Trainer:
             "nmse": m["nmse_layers"].mean().item(), "l0": m["l0_layers"].mean().item(),
             "dead_fraction": dead.float().mean().item(), "dense_fraction": dense.float().mean().item(),
             "lr": m["lr"], "lambda": m["lambda"], "grad_norm": m["grad_norm"],
+            "resampled": self._resampled_since_log,  # features re-initialized since the previous line
             "nmse_layers": [round(v, 5) for v in m["nmse_layers"].tolist()],
             "l0_layers": [round(v, 2) for v in m["l0_layers"].tolist()],
         }
+        self._resampled_since_log = 0
         self.log(f"step {self.step}: loss {rec['loss']:.4g} nmse {rec['nmse']:.4f} L0 {rec['l0']:.1f} "
                  f"dead {rec['dead_fraction']:.3f} {tok_per_s:.0f} tok/s")
         return rec
