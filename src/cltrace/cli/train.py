@@ -23,6 +23,13 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--kind", choices=["clt", "plt"], help="cross-layer or per-layer transcoder (default clt)")
     p.add_argument("--features-per-layer", "-F", type=int, help="features per layer (default 2048)")
     p.add_argument("--tokens", type=float, help="training tokens, e.g. 2e6 (default 1e6)")
+    p.add_argument("--minutes", type=float,
+                   help="a time budget instead of --tokens: measure this machine, plan tokens, passes, batch and "
+                        "LR schedule to finish in about this many minutes (collection and training), with the "
+                        "recipe of docs/training.md as the defaults")
+    p.add_argument("--passes", type=float,
+                   help="with --minutes: passes over one activation sample cached in DIR/cache (default: the "
+                        "recipe's; 1 streams fresh text once)")
     p.add_argument("--out", "-o", help="output folder (default runs/transcoder)")
     p.add_argument("--corpus", help="corpus spec: a file, 'large', or a hub dataset (default: the small built-in one)")
     p.add_argument("--cache", metavar="DIR", help="train from this activation cache instead of running the model")
@@ -57,6 +64,10 @@ def build_config(args):
     from cltrace.training.config import CONFIG_FILE, TrainConfig, parse_assignments
 
     cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
+    if getattr(args, "minutes", None) and not args.config:  # a budget gets the recipe as its defaults
+        from cltrace.training.recipe import RECIPE
+
+        cfg = cfg.override(RECIPE)
     if args.resume:
         out = Path(args.out or cfg.out)
         if (out / CONFIG_FILE).exists():
@@ -86,8 +97,17 @@ def run(args, ctx) -> int:
 
 
 def _run(args, ctx, cfg, dist) -> int:
-    from cltrace.training import train
+    from pathlib import Path
 
+    from cltrace.errors import CltraceError
+    from cltrace.training import train
+    from cltrace.training.distributed import find_resume_checkpoint
+
+    resuming = args.resume and find_resume_checkpoint(Path(cfg.out), dist) is not None
+    budget = args.minutes is not None and not resuming  # a resumed run keeps the plan saved in its config
+    if budget and (dist.distributed or args.minutes <= 0 or cfg.cache):
+        raise CltraceError("--minutes plans a single-process run from the model (not under torchrun, not with "
+                           "--cache) and must be positive")
     if dist.distributed:
         cfg = cfg.override({"device": str(dist.device)})  # cuda:LOCAL_RANK
         ctx.quiet = ctx.quiet or not dist.is_main  # only rank 0 speaks
@@ -97,9 +117,18 @@ def _run(args, ctx, cfg, dist) -> int:
 
         ctx.log(f"loading model {cfg.model or DEFAULT_MODEL}")
         model = load_model(cfg.model or DEFAULT_MODEL, device=dist.device, dtype=ctx.dtype)
-    ctx.log(f"training a {cfg.kind} ({cfg.activation}, {cfg.features_per_layer} features per layer) on "
-            f"{cfg.tokens:,} tokens, {cfg.steps} steps of {cfg.batch_size} tokens -> {cfg.out}")
-    train(cfg, model=model, resume=args.resume, log=ctx.log if ctx.verbose else None, dist=dist)
+    if budget:
+        from cltrace.training.budget import run_with_budget
+        from cltrace.training.recipe import PASSES
+
+        trainer_log = ctx.log if ctx.verbose else None
+        _, plan = run_with_budget(cfg, model, args.minutes, passes=args.passes or PASSES, log=ctx.log,
+                                  train_fn=lambda c, **kw: train(c, dist=dist, **{**kw, "log": trainer_log}))
+        ctx.log(f"planned {plan.steps} steps of {plan.batch_size} tokens ({plan.train_tokens:,} tokens)")
+    else:
+        ctx.log(f"training a {cfg.kind} ({cfg.activation}, {cfg.features_per_layer} features per layer) on "
+                f"{cfg.tokens:,} tokens, {cfg.steps} steps of {cfg.batch_size} tokens -> {cfg.out}")
+        train(cfg, model=model, resume=args.resume, log=ctx.log if ctx.verbose else None, dist=dist)
     ctx.log(f"saved the transcoder, train_config.yaml, metrics.jsonl and curves.png in {cfg.out}")
     if dist.is_main:
         print(cfg.out)

@@ -1,0 +1,135 @@
+"""`--minutes` budgets (training/plan.py, training/budget.py): the plan's arithmetic, and a planned run on a tiny
+model trains exactly what the plan says (steps, tokens, cache size, LR schedule). Tested by the plan, not by
+the clock: rates are given or measured, never asserted on."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from cltrace.training import TrainConfig
+from cltrace.training.plan import Rates, apply_plan, plan_run, replan_training
+from cltrace.training.schedule import lr_factor
+
+RATES = Rates(stream=500.0, cache_write=400.0, step=3000.0)
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"features_per_layer": 512, "batch_size": 1024, "norm_tokens": 8192, **kw})
+
+
+def _cost(plan, cfg, rates, overhead_s=15.0) -> float:
+    """Seconds the plan's run costs, computed here from the rates (independently of plan.seconds)."""
+    if plan.cached:
+        collect = plan.collect_tokens / rates.cache_write
+        norm = cfg.norm_tokens / 50_000.0
+    else:
+        collect = plan.train_tokens / rates.stream
+        norm = cfg.norm_tokens / rates.stream
+    return collect + plan.train_tokens / rates.step + norm + overhead_s
+
+
+@pytest.mark.parametrize("passes", [1.0, 4.0])
+@pytest.mark.parametrize("minutes", [4.0, 10.0])
+def test_plan_fills_the_budget_and_no_more(minutes, passes):
+    cfg = _cfg()
+    plan = plan_run(cfg, minutes, RATES, passes=passes)
+    budget = 0.9 * minutes * 60
+    cost = _cost(plan, cfg, RATES)
+    assert cost <= budget + 1e-6 and plan.seconds["total"] == pytest.approx(cost)
+    # one more batch would not fit: the plan spends the budget
+    one_more = plan.batch_size * (1 / RATES.step + (1 / (passes * RATES.cache_write) if plan.cached
+                                                    else 1 / RATES.stream))
+    assert cost + one_more > budget - plan.batch_size / RATES.step  # within a batch of the budget
+    assert plan.train_tokens == plan.steps * plan.batch_size
+    if passes > 1:
+        assert plan.cached and plan.collect_tokens == math.ceil(plan.train_tokens / passes)
+    else:
+        assert not plan.cached and plan.collect_tokens == plan.train_tokens
+    # the schedule of the planned config is a schedule over exactly the planned steps
+    run = apply_plan(cfg, plan, cache="somewhere")
+    assert run.tokens == plan.train_tokens and run.steps == plan.steps and run.batch_size == plan.batch_size
+    assert run.cache == ("somewhere" if passes > 1 else "") and run.extra["plan"]["steps"] == plan.steps
+    assert lr_factor(run.steps - 1, run.steps, run.warmup, run.decay, run.min_lr) == pytest.approx(run.min_lr)
+
+
+def test_more_passes_train_more_tokens_and_collect_fewer():
+    one, four = plan_run(_cfg(), 6, RATES, passes=1), plan_run(_cfg(), 6, RATES, passes=4)
+    assert four.train_tokens > one.train_tokens and four.collect_tokens < one.collect_tokens
+
+
+def test_short_budgets_shrink_the_batch_to_keep_steps():
+    slow = Rates(stream=100.0, cache_write=100.0, step=400.0)
+    plan = plan_run(_cfg(batch_size=4096), 5, slow, passes=1, min_steps=100, min_batch=256)
+    assert plan.batch_size < 4096 and (plan.steps >= 100 or plan.batch_size == 256)
+    assert plan.batch_size & (plan.batch_size - 1) == 0 or plan.batch_size == 4096 // 2 ** round(
+        math.log2(4096 / plan.batch_size))
+    with pytest.raises(ValueError, match="give more minutes"):
+        plan_run(_cfg(), 0.2, slow)
+
+
+def test_replan_after_a_slow_collection_trains_less_never_more():
+    plan = plan_run(_cfg(), 8, RATES, passes=4)
+    same = replan_training(plan, 8 * 60.0 - plan.seconds["collect"])
+    assert same.steps <= plan.steps and same.cached
+    late = replan_training(plan, 8 * 60.0 - 1.3 * plan.seconds["collect"])  # the collection took 30% longer
+    assert late.steps < same.steps and late.train_tokens == late.steps * late.batch_size
+    assert 0.9 * (8 * 60.0 - 1.3 * plan.seconds["collect"]) >= late.train_tokens / RATES.step + 15.0
+
+
+def test_a_planned_run_on_a_tiny_model_trains_what_the_plan_says(tmp_path):
+    from cltrace.models.tiny import tiny_model
+    from cltrace.training.budget import run_with_budget
+    from cltrace.training.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint
+    from cltrace.training.metrics import read_metrics
+    from cltrace.training.plan import measure_rates
+
+    model = tiny_model("llama")
+    cfg = TrainConfig(kind="clt", features_per_layer=32, activation="batchtopk", k=4, batch_size=256,
+                      norm_tokens=512, context_len=64, out=str(tmp_path / "run"), progress=False, log_every=1)
+    measured = measure_rates(cfg, model)
+    assert all(math.isfinite(r) and r > 0 for r in (measured.stream, measured.cache_write, measured.step))
+    rates = Rates(stream=60.0, cache_write=50.0, step=300.0)  # slow rates: a plan of a few steps
+    tc, plan = run_with_budget(cfg, model, 0.5, passes=3, rates=rates)
+    assert plan.cached and plan.steps >= 2
+    manifest = json.loads((tmp_path / "run" / "cache" / "manifest.json").read_text())
+    assert manifest["n_tokens"] >= plan.collect_tokens
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["step"] == plan.steps and rows[-1]["tokens"] == plan.train_tokens
+    saved = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())
+    assert saved["tokens"] == plan.train_tokens and saved["cache"].endswith("cache")
+    assert saved["extra"]["plan"]["steps"] == plan.steps
+    _, meta = load_checkpoint(latest_checkpoint(checkpoint_root(tmp_path / "run")))
+    assert meta["step"] == plan.steps
+
+
+def test_cli_minutes_plans_with_the_recipe(tmp_path, monkeypatch, capsys):
+    from cltrace.cli import main
+    from cltrace.models.tiny import save_tiny
+    from cltrace.training import budget
+
+    monkeypatch.setattr(budget, "measure_rates", lambda cfg, model: Rates(stream=80.0, cache_write=60.0, step=400.0))
+    monkeypatch.setattr(budget, "measure_step_rate", lambda *a, **k: 400.0)
+    model_dir = save_tiny("llama", tmp_path / "tiny")
+    out = tmp_path / "tc"
+    rc = main(["-q", "train", "--model", str(model_dir), "-F", "32", "--minutes", "0.5", "--passes", "1",
+               "--k", "4", "--context-len", "64", "--set", "norm_tokens=256", "--out", str(out)])
+    assert rc == 0 and (out / "transcoder.safetensors").exists()
+    saved = yaml.safe_load((out / "train_config.yaml").read_text())
+    from cltrace.training.recipe import RECIPE
+
+    assert saved["activation"] == RECIPE["activation"] and saved["lr"] == RECIPE["lr"]  # the recipe's defaults
+    assert saved["k"] == 4  # a named flag still wins
+    plan = saved["extra"]["plan"]
+    assert saved["tokens"] == plan["train_tokens"] and not plan["cached"] and saved["cache"] == ""
+    assert read_last_step(out) == plan["steps"]
+    assert main(["-q", "train", "--minutes", "-1", "--model", str(model_dir), "--out", str(tmp_path / "z")]) == 2
+
+
+def read_last_step(out) -> int:
+    from cltrace.training.metrics import read_metrics
+
+    return read_metrics(out / "metrics.jsonl")[-1]["step"]
