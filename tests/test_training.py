@@ -390,7 +390,14 @@ def test_perfect_transcoder_gives_zero_ce_increase(device):
 
 def spliced_top1_count(model, tc: Transcoder, ids: torch.Tensor) -> tuple[int, int]:
     """(how many next-token argmaxes the model and the model with every MLP replaced by `tc` share, out of how
-    many), written out from the weights: layer l's output is b_dec[l] + Σ_{s<=l} a_s W_dec[s][:, l − s] (+ skip),
+    many) over the positions that predict a token of the context (see `spliced_argmaxes`)."""
+    clean, spliced = spliced_argmaxes(model, tc, ids)
+    return int((clean[:, :-1] == spliced[:, :-1]).sum()), clean[:, :-1].numel()
+
+
+def spliced_argmaxes(model, tc: Transcoder, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, T], [B, T]) next-token argmaxes of the model and of the model with every MLP replaced by `tc`,
+    written out from the weights: layer l's output is b_dec[l] + Σ_{s<=l} a_s W_dec[s][:, l − s] (+ skip),
     with a_s encoded from the spliced model's own layer-s input; BOS and other special tokens keep the true output."""
     from cltrace.data import keep_mask
     from cltrace.data.tokens import special_tokens
@@ -407,9 +414,9 @@ def spliced_top1_count(model, tc: Transcoder, ids: torch.Tensor) -> tuple[int, i
         return torch.where(keep, out, y)
 
     with torch.no_grad():
-        clean = model.forward(ids).logits[:, :-1].argmax(-1)
-        spliced = model.forward(ids, mlp_hook=splice).logits[:, :-1].argmax(-1)
-    return int((clean == spliced).sum()), clean.numel()
+        clean = model.forward(ids).logits.argmax(-1)
+        spliced = model.forward(ids, mlp_hook=splice).logits.argmax(-1)
+    return clean, spliced
 
 
 # ---------------------------------------------------------------------- CLI

@@ -52,5 +52,6 @@ def run(args, ctx) -> int:
     print(f"{'mean':>5} {res['nmse']:8.4f} {res['explained_variance']:8.4f} {res['l0']:8.1f} "
           f"{res['dead_fraction']:6.3f}")
     print(f"replacement model: CE {res['ce_original']:.4f} -> {res['ce_spliced']:.4f} "
-          f"(+{res['ce_increase']:.4f}), KL {res['kl']:.4f}, top-1 agreement {res['top1_agreement']:.3f}")
+          f"(+{res['ce_increase']:.4f}), KL {res['kl']:.4f}, top-1 agreement {res['top1_agreement']:.3f} "
+          f"(at the last position of each of {res['n_contexts']} contexts: {res['last_top1_agreement']:.3f})")
     return 0

@@ -8,7 +8,9 @@ Replacement model: every MLP output replaced by the transcoder's reconstruction,
 layer's features read the *replacement's* own MLP inputs (a CLT's output at layer l needs the features of
 layers ≤ l, which were encoded as the forward passed them). Against the original, on held-out text:
     ce_increase = CE(spliced) − CE(original) of the next token;  kl = KL(original ‖ spliced) per position;
-    top1_agreement = how often both predict the same next token.
+    top1_agreement = how often both predict the same next token, over every position;
+    last_top1_agreement = the same at the last position of each context only (the paper's per-prompt statistic:
+    the fraction of prompts whose next token the replacement model gets as the model does).
 Special-token positions keep their true MLP output (they are outside the training distribution).
 """
 
@@ -110,7 +112,7 @@ def evaluate(model, transcoder: Transcoder, corpus_spec=None, n_tokens: int = 81
     se, se2 = torch.zeros(L, model.d_model, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
     l0 = torch.zeros(L, dtype=torch.float64)
     fired = torch.zeros(L, Fn, dtype=torch.bool)
-    ce0 = ce1 = kl = agree = 0.0
+    ce0 = ce1 = kl = agree = last_agree = 0.0
     n_rec = n_pred = 0
     for i in range(0, ids.shape[0], batch_size):
         b = ids[i:i + batch_size]  # [B, T]
@@ -141,6 +143,7 @@ def evaluate(model, transcoder: Transcoder, corpus_spec=None, n_tokens: int = 81
             ce1 += -lp1.gather(-1, tgt).sum().item()
             kl += (lp0.exp() * (lp0 - lp1)).sum().item()
             agree += (lp0.argmax(-1) == lp1.argmax(-1)).sum().item()
+            last_agree += float(logits0[j, -1].argmax() == logits1[j, -1].argmax())  # the paper's per-prompt one
             n_pred += tgt.numel()
         if log is not None:
             log(f"evaluated {min(i + batch_size, ids.shape[0])}/{ids.shape[0]} contexts")
@@ -157,6 +160,7 @@ def evaluate(model, transcoder: Transcoder, corpus_spec=None, n_tokens: int = 81
         "l0_total": l0_layers.sum().item(), "dead_fraction": dead.float().mean().item(),
         "ce_original": ce0 / n_pred, "ce_spliced": ce1 / n_pred, "ce_increase": (ce1 - ce0) / n_pred,
         "kl": kl / n_pred, "top1_agreement": agree / n_pred,
+        "last_top1_agreement": last_agree / ids.shape[0], "n_contexts": ids.shape[0],
         "nmse_layers": _r(nmse), "explained_variance_layers": _r(ev), "l0_layers": _r(l0_layers),
         "dead_fraction_layers": _r(dead.float().mean(1)),
         "n_tokens": n_rec, "n_predictions": n_pred, "model": model.name, "kind": tc.cfg.kind,
