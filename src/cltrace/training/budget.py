@@ -6,8 +6,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from cltrace.data import write_activation_cache
 from cltrace.training.config import TrainConfig
 from cltrace.training.plan import Plan, Rates, apply_plan, measure_rates, measure_step_rate, plan_run, replan_training
+from cltrace.training.trainer import train
 
 CACHE_DIR = "cache"  # the plan's activation sample, inside the run's folder
 
@@ -33,8 +35,6 @@ def plan_for_budget(cfg: TrainConfig, model, minutes: float, *, passes: float, r
 def run_with_budget(cfg: TrainConfig, model, minutes: float, *, passes: float = 1.0, rates: Rates | None = None,
                     log=None, train_fn=None):
     """Plan, collect, re-plan and train as the module docstring says; returns (transcoder, final plan)."""
-    from cltrace.data import write_activation_cache
-    from cltrace.training.trainer import train
 
     log = log or (lambda *a: None)
     train_fn = train_fn or train

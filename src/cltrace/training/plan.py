@@ -26,7 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
+from cltrace.data import StreamingActivations, write_activation_cache
 from cltrace.training.config import TrainConfig
+from cltrace.training.inmemory import InMemoryActivations
+from cltrace.training.trainer import Trainer
 
 
 @dataclass
@@ -129,7 +132,6 @@ def measure_rates(cfg: TrainConfig, model, *, batch_size: int | None = None, mod
                   steps: int = 2) -> Rates:
     """Time a few model batches (streamed, and written to a throw-away cache) and a few training steps of
     cfg's transcoder on random rows, after one untimed warm-up of each. Takes seconds on a CPU."""
-    from cltrace.data import StreamingActivations, write_activation_cache
 
     n = model_batches * 8 * cfg.context_len
     src = StreamingActivations(model, cfg.corpus or None, context_len=cfg.context_len,
@@ -153,8 +155,6 @@ def measure_rates(cfg: TrainConfig, model, *, batch_size: int | None = None, mod
 
 def measure_step_rate(cfg: TrainConfig, n_layers: int, d_model: int, batch_size: int, steps: int = 2) -> float:
     """Tokens per second of `steps` training steps of cfg's transcoder at batch_size, on random rows."""
-    from cltrace.training.inmemory import InMemoryActivations
-    from cltrace.training.trainer import Trainer
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, n_layers, d_model, generator=g)
