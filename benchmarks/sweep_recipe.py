@@ -20,9 +20,9 @@ from pathlib import Path
 
 CLTRACE = str(Path(sys.executable).with_name("cltrace"))
 BASE = ["--model", "gemma-3-270m", "--kind", "clt", "-F", "512"]
-# name -> the lever it moves (arguments added to the base command); the base is the recipe as it stood
+# name -> the lever it moves (arguments added to the base command, which takes the recipe of training/recipe.py)
 ROWS: dict[str, list[str]] = {
-    "base": [],
+    "p1": ["--passes", "1"],
     "p4": ["--passes", "4"],
     "p8": ["--passes", "8"],
     "p16": ["--passes", "16"],

@@ -14,4 +14,4 @@ RECIPE: dict = {
     "dead_tokens": 16384,
     "warmup": 0.02,
 }
-PASSES: float = 1.0
+PASSES: float = 4.0
