@@ -45,7 +45,7 @@ CLTRACE := $(VENV)/bin/cltrace
 demo: $(STAMP) models
 	$(CLTRACE) predict "$(PROMPT)" --top 5
 	@test -f $(DEMO)/clt/transcoder.safetensors || $(CLTRACE) train --model gemma-3-270m --kind clt \
-	  --features-per-layer 512 --activation batchtopk --k 16 --tokens 16384 --batch-size 1024 --out $(DEMO)/clt
+	  --features-per-layer 512 --minutes 10 --out $(DEMO)/clt && rm -rf $(DEMO)/clt/cache
 	$(CLTRACE) trace "$(PROMPT)" --transcoders $(DEMO)/clt --max-features 400 --out $(DEMO)/graph.safetensors \
 	  --png $(DEMO)/graph.png --export-json $(DEMO)/viewer --slug demo
 	$(CLTRACE) intervene "$(PROMPT)" --transcoders $(DEMO)/clt --graph $(DEMO)/graph.safetensors --node top \
