@@ -220,7 +220,8 @@ class FeatureStats:
         order = gidx.sort(stable=True).indices  # empty running entries (-1) first: they have value 0 and lose
         order = order[val[order].sort(descending=True, stable=True).indices]
         order = order[slot[order].sort(stable=True).indices]  # [c·k + e] by (slot, value desc, gidx asc)
-        first = torch.bincount(slot, minlength=c).cumsum(0) - torch.bincount(slot, minlength=c)
+        per_slot = torch.bincount(slot, minlength=c)  # k running entries + the entering ones
+        first = per_slot.cumsum(0) - per_slot
         rank = torch.arange(order.numel(), device=v.device) - first[slot[order]]
         order = order[rank < k]  # [c·k]: every slot has its k running entries, so exactly k per slot
         new_val = val[order].view(c, k).T  # [k, c]
