@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "trace": "trace",
     "intervene": "intervene",
     "features": "features",
+    "weights": "weights",
     "merge-shards": "merge_shards",
     "serve": "serve",
     "validate": "validate",
