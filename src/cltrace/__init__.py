@@ -22,7 +22,7 @@ Importing cltrace changes no process-wide state (environment, malloc, warning fi
 
 from cltrace.attribution import Graph, PruneResult, attribute, prune, scores
 from cltrace.errors import CltraceError, SettingError
-from cltrace.features import FeatureDB, build_features
+from cltrace.features import FeatureDB, build_features, global_weights
 from cltrace.interventions import (
     FeatureRef,
     GenerationResult,
@@ -42,7 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MODEL", "CltraceError", "FeatureDB", "FeatureRef", "GenerationResult", "Graph", "Intervention",
     "InterventionResult", "LocalReplacement", "ModelAdapter", "PruneResult", "SettingError", "TrainConfig",
-    "Transcoder", "TranscoderConfig", "attribute", "build_features", "build_replacement", "evaluate", "intervene",
-    "intervene_generate", "list_models", "load_model", "load_transcoder", "prune", "save_transcoder", "scores",
-    "train", "validate",
+    "Transcoder", "TranscoderConfig", "attribute", "build_features", "build_replacement", "evaluate", "global_weights",
+    "intervene", "intervene_generate", "list_models", "load_model", "load_transcoder", "prune", "save_transcoder",
+    "scores", "train", "validate",
 ]
