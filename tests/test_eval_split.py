@@ -83,3 +83,26 @@ def test_eval_reads_a_whole_user_file_where_its_held_out_split_is_empty(tmp_path
 
     # --split train of the same file is the same documents here (none is held out)
     assert torch.equal(eval_contexts(model, str(text_file), n_tokens, 64, split="train"), ids)
+
+
+def test_eval_contexts_takes_exactly_n_contexts_or_says_the_split_holds_fewer(tmp_path, capsys):
+    """--contexts N: the first N contexts of the split (the same as asking for N·T tokens), and a one-line error
+    naming how many there are when the split holds fewer."""
+    from cltrace.cli import main
+    from cltrace.errors import CltraceError
+    from cltrace.models.registry import load_model
+    from cltrace.models.tiny import save_tiny
+
+    text_file = tmp_path / "held_out.txt"
+    _write_text_file(text_file, n_docs=3)
+    model = load_model(str(save_tiny("llama", tmp_path / "tiny")))
+    every = eval_contexts(model, str(text_file), 10**6, 32, split="all")  # all there are
+    n = every.shape[0]
+    assert n > 4
+    for want in (1, 3, n):
+        got = eval_contexts(model, str(text_file), 64, 32, split="all", n_contexts=want)  # n_tokens is ignored
+        assert got.shape == (want, 32) and torch.equal(got, every[:want])
+    with pytest.raises(CltraceError, match=f"holds {n} contexts of 32 tokens, not {n + 1}"):
+        eval_contexts(model, str(text_file), 64, 32, split="all", n_contexts=n + 1)
+    assert main(["eval", str(tmp_path / "nowhere"), "--model", "x", "--contexts", "0"]) == 2
+    assert "--contexts" in capsys.readouterr().err  # refused before looking for the folder

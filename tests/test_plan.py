@@ -133,3 +133,30 @@ def read_last_step(out) -> int:
     from cltrace.training.metrics import read_metrics
 
     return read_metrics(out / "metrics.jsonl")[-1]["step"]
+
+
+def test_a_token_budget_gets_the_recipe_too_and_a_config_file_does_not(tmp_path):
+    """`cltrace train --tokens N` starts from the recipe like `--minutes`; --set and named flags override it;
+    --config FILE starts from TrainConfig's own defaults (a saved config reproduces its run)."""
+    import argparse
+
+    from cltrace.cli import train as train_cli
+    from cltrace.training.recipe import RECIPE
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-q", dest="quiet", action="store_true")
+    train_cli.add_parser(parser.add_subparsers(), "train")
+
+    def config(*argv):
+        return train_cli.build_config(parser.parse_args(["train", *argv]))
+
+    cfg = config("--tokens", "2e5")
+    assert cfg.tokens == 200_000
+    assert {key: getattr(cfg, key) for key in RECIPE} == RECIPE
+    assert RECIPE != {key: getattr(TrainConfig(), key) for key in RECIPE}  # so the line above can fail
+    cfg = config("--tokens", "2e5", "--k", "7", "--set", "lr=5e-4")
+    assert (cfg.k, cfg.lr, cfg.activation) == (7, 5e-4, RECIPE["activation"])
+    saved = tmp_path / "cfg.yaml"
+    TrainConfig(tokens=300_000).save(saved)
+    cfg = config("--config", str(saved))
+    assert {key: getattr(cfg, key) for key in RECIPE} == {key: getattr(TrainConfig(), key) for key in RECIPE}

@@ -455,7 +455,7 @@ def test_cli_train_eval_round_trip(tmp_path, capsys, device):
 def test_cli_errors_are_one_liners(tmp_path, capsys):  # refused before any computation: no device
     from cltrace.cli import main
 
-    assert main(["train", "--activation", "topk", "--out", str(tmp_path / "x")]) == 2
+    assert main(["train", "--activation", "topk", "--k", "0", "--out", str(tmp_path / "x")]) == 2
     assert "--k" in capsys.readouterr().err  # the CLI names its flags
     assert main(["eval", str(tmp_path / "missing"), "--model", "x"]) == 2
     assert "no transcoder folder" in capsys.readouterr().err

@@ -15,6 +15,10 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("folder", help="transcoder folder (written by `cltrace train`)")
     p.add_argument("--model", "-m", help="the model it was trained on (default: the name saved with it)")
     p.add_argument("--tokens", type=float, default=8192, help="held-out tokens to evaluate on (default 8192)")
+    p.add_argument("--contexts", type=int,
+                   help="evaluate exactly this many contexts instead of --tokens (an error if the split holds "
+                        "fewer): e.g. --contexts 200 --context-len 64 for the paper's per-prompt statistic over "
+                        "200 held-out prompts")
     p.add_argument("--corpus", help="corpus spec to evaluate on (default: the small built-in one)")
     p.add_argument("--split", choices=["eval", "train", "all"],
                    help="which documents of the corpus: eval (the 2%% hash-held-out split), train, or all "
@@ -31,15 +35,17 @@ def run(args, ctx) -> int:
     from cltrace.training import evaluate
     from cltrace.transcoders.io import load_transcoder
 
+    bad_contexts = args.contexts is not None and args.contexts < 1
+    if args.tokens < 1 or args.context_len < 2 or args.batch_size < 1 or bad_contexts:
+        raise CltraceError("--tokens, --contexts and --batch-size must be positive and --context-len at least 2")
     tc = load_transcoder(args.folder, device=ctx.device)
     name = args.model or tc.cfg.model_name
     if not name:
         raise CltraceError(f"{args.folder} does not say which model it was trained on: pass --model")
     model = load_model(name, device=ctx.device, dtype=ctx.dtype)
-    if args.tokens < 1 or args.context_len < 2 or args.batch_size < 1:
-        raise CltraceError("--tokens and --batch-size must be positive and --context-len at least 2")
     res = evaluate(model, tc, args.corpus, int(args.tokens), context_len=args.context_len,
-                   batch_size=args.batch_size, split=args.split, log=ctx.log if ctx.verbose else None)
+                   batch_size=args.batch_size, split=args.split, n_contexts=args.contexts,
+                   log=ctx.log if ctx.verbose else None)
     if args.json:
         print(json.dumps(res))
         return 0

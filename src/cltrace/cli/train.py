@@ -17,7 +17,8 @@ def add_parser(sub, name: str) -> None:
         name, help="train a transcoder (CLT or PLT) on a model's MLP activations",
         description="Train a cross-layer (clt) or per-layer (plt) transcoder. Writes DIR/config.json + "
         "transcoder.safetensors (acting on raw activations), train_config.yaml, metrics.jsonl, curves.png "
-        "and checkpoints/. Options override --config FILE, which overrides the defaults.",
+        "and checkpoints/. Options override --config FILE, which overrides the defaults: the recipe of "
+        "docs/training.md (training/recipe.py), or TrainConfig's own under --config.",
     )
     p.add_argument("--model", "-m", help="built-in name, model folder, .gguf file or hub id (default gemma-3-270m)")
     p.add_argument("--kind", choices=["clt", "plt"], help="cross-layer or per-layer transcoder (default clt)")
@@ -36,12 +37,14 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON training config (fields of TrainConfig)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest checkpoint (its saved config is used)")
-    p.add_argument("--activation", choices=["jumprelu", "topk", "batchtopk", "relu"], help="default jumprelu")
-    p.add_argument("--k", type=int, help="active features per token and layer, for topk/batchtopk")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    p.add_argument("--activation", choices=["jumprelu", "topk", "batchtopk", "relu"],
+                   help="default: the recipe's (batchtopk)")
+    p.add_argument("--k", type=int,
+                   help="active features per token and layer, for topk/batchtopk (default: the recipe's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     p.add_argument("--sparsity", "--l0-coefficient", dest="sparsity", type=float,
                    help="final λ of the tanh sparsity penalty (jumprelu/relu)")
-    p.add_argument("--batch-size", type=int, help="tokens per optimizer step (default 4096)")
+    p.add_argument("--batch-size", type=int, help="tokens per optimizer step (default: the recipe's)")
     p.add_argument("--context-len", type=int, help="tokens per context when streaming (default 128)")
     p.add_argument("--skip", action="store_true", default=None, help="add a linear skip connection")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocasts the matmuls (default fp32)")
@@ -62,12 +65,11 @@ def build_config(args):
     from pathlib import Path
 
     from cltrace.training.config import CONFIG_FILE, TrainConfig, parse_assignments
+    from cltrace.training.recipe import RECIPE
 
-    cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
-    if getattr(args, "minutes", None) and not args.config:  # a budget gets the recipe as its defaults
-        from cltrace.training.recipe import RECIPE
-
-        cfg = cfg.override(RECIPE)
+    # the recipe is the defaults of every run (a --tokens or a --minutes budget); a --config file starts from
+    # TrainConfig's own defaults instead, so a saved config reproduces its run
+    cfg = TrainConfig.load(args.config) if args.config else TrainConfig().override(RECIPE)
     if args.resume:
         out = Path(args.out or cfg.out)
         if (out / CONFIG_FILE).exists():

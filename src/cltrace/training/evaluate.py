@@ -73,28 +73,35 @@ def default_split(corpus_spec) -> str:
 
 
 def eval_contexts(model, corpus_spec=None, n_tokens: int = 8192, context_len: int = 128, *,
-                  split: str | None = None) -> Tensor:
-    """[B, T] contexts of the corpus' `split` ("eval", "train" or "all"; None: `default_split`), about n_tokens."""
+                  split: str | None = None, n_contexts: int | None = None) -> Tensor:
+    """[B, T] contexts of the corpus' `split` ("eval", "train" or "all"; None: `default_split`), about n_tokens;
+    or exactly n_contexts when given (an error if the split holds fewer: the per-prompt statistic is then over
+    a known number of prompts)."""
     split = split or default_split(corpus_spec)
     stream = ContextStream(corpus_spec, model.tokenizer, context_len, split=split, loop=False)
-    ctxs = stream.take(max(1, math.ceil(n_tokens / context_len)))
+    want = n_contexts if n_contexts is not None else max(1, math.ceil(n_tokens / context_len))
+    ctxs = stream.take(want)
+    what = "held-out split" if split == "eval" else f"{split!r} split"
     if not ctxs:
-        what = "held-out split" if split == "eval" else f"{split!r} split"
         hint = " (evaluate a file you hold out whole with split 'all')" if split != "all" else ""
         raise CltraceError(f"the {what} of corpus {corpus_spec or 'small'} has no context of {context_len} "
                            f"tokens: use a larger corpus or a shorter context{hint}")
+    if n_contexts is not None and len(ctxs) < n_contexts:
+        raise CltraceError(f"the {what} of corpus {corpus_spec or 'small'} holds {len(ctxs)} contexts of "
+                           f"{context_len} tokens, not {n_contexts}: ask for fewer or use a shorter --context-len")
     return torch.tensor(ctxs, dtype=torch.long)
 
 
 @torch.no_grad()
 def evaluate(model, transcoder: Transcoder, corpus_spec=None, n_tokens: int = 8192, *, context_len: int = 128,
              batch_size: int = 8, ids: Tensor | None = None, splice_special: bool = False, split: str | None = None,
-             log=None) -> dict:
+             n_contexts: int | None = None, log=None) -> dict:
     """Reconstruction and replacement-model metrics of `transcoder` on `model` (see the module docstring).
 
     ids [B, T]: evaluate on these contexts instead of the corpus' held-out split.
     split: the corpus split to read ("eval", "train", "all"; None: "eval" for built-in corpora, "all" for a
     local file or folder, see `default_split`); recorded in the result.
+    n_contexts: exactly this many contexts of the split instead of about n_tokens tokens (`eval_contexts`).
     Returns a JSON-able dict: nmse, explained_variance, l0, dead_fraction, ce_original, ce_spliced,
     ce_increase, kl, top1_agreement (means), the per-layer lists *_layers, and n_tokens.
     """
@@ -103,7 +110,7 @@ def evaluate(model, transcoder: Transcoder, corpus_spec=None, n_tokens: int = 81
     ids_from_corpus = ids is None
     if ids is None:
         split = split or default_split(corpus_spec)
-        ids = eval_contexts(model, corpus_spec, n_tokens, context_len, split=split)
+        ids = eval_contexts(model, corpus_spec, n_tokens, context_len, split=split, n_contexts=n_contexts)
     ids = ids.to(model.device)
     _, _, specials = special_tokens(model.tokenizer)
     L, Fn = tc.n_layers, tc.n_features
