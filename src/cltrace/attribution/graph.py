@@ -4,6 +4,7 @@ Nodes, in circuit-tracer's order:  [features | errors (layer-major: l·T + p) | 
 Only feature and logit nodes receive edges, so instead of circuit-tracer's dense N×N matrix the graph keeps
 the row block  edges[r, s] = A[rows[r], s]  (rows = the feature and logit nodes). For the 73-token prompt that
 gave circuit-tracer a 1.7 GB JSON, this is what keeps files and pruning memory proportional to what exists.
+The file packs that block's nonzeros (`graph_codec`: exact float32 by default, ~0.2× circuit-tracer's file).
 
 For every row,  Σ_s edges[r, s] + row_constant[r] = row_value[r]:  the target's pre-activation without b_enc
 (features) or its logit minus the mean logit (logits); the constant gathers everything that is not a node
@@ -13,16 +14,30 @@ For every row,  Σ_s edges[r, s] + row_constant[r] = row_value[r]:  the target's
 from __future__ import annotations
 
 import json
+import lzma
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from cltrace.attribution import graph_codec
 from cltrace.errors import CltraceError
 
 FORMAT = "cltrace-graph"
-VERSION = 1
+VERSION = 2  # 2: arrays packed by graph_codec, optional kept pruning; 1: dense or CSR float32 (still read)
+
+
+@dataclass
+class KeptPruning:
+    """A graph saved with only the edges one pruning kept: that pruning, as computed on the full graph."""
+
+    node_threshold: float
+    edge_threshold: float
+    node_mask: Tensor  # [N] bool: the full graph's pruned node mask
+    cumulative_scores: Tensor  # [N] the full graph's cumulative influence (the JSON "influence")
+    n_edges_full: int  # nonzero edges of the full graph
 
 
 @dataclass
@@ -41,6 +56,7 @@ class Graph:
     row_constant: Tensor  # [n_rows] the part of each row's value that no node explains
     row_value: Tensor  # [n_rows] pre-activation without b_enc, or logit − mean logit
     meta: dict = field(default_factory=dict)  # model, transcoders, timings, n_active_features, ...
+    kept_pruning: KeptPruning | None = None  # set when edges hold only what that pruning kept
 
     # ------------------------------------------------------------------ node layout
     @property
@@ -87,30 +103,44 @@ class Graph:
         return A
 
     # ------------------------------------------------------------------ files
-    def save(self, path: str | Path) -> Path:
-        """One .safetensors file: tensors + a JSON header. The row block goes sparse (CSR) when that is smaller."""
+    def save(self, path: str | Path, *, edge_dtype: str = "float32", compress: str = "bz2") -> Path:
+        """One .safetensors file: each array packed by `graph_codec` (edges as their nonzeros) + a JSON header.
+
+        Lossless by default. edge_dtype "float16" or "bfloat16" stores the edge values in 2 bytes within the
+        bound `graph_codec` states; compress is "bz2" (default), "zlib" (faster, ~3% larger), "lzma" or "none".
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        E = self.edges.detach().float().cpu()
-        tensors = {"input_ids": self.input_ids, "features": self.features, "activations": self.activations,
-                   "logit_tokens": self.logit_tokens, "logit_probs": self.logit_probs, "rows": self.rows,
-                   "row_constant": self.row_constant, "row_value": self.row_value}
-        nnz = int((E != 0).sum())
-        if nnz * 2 < E.numel():  # CSR: 4-byte index + 4-byte value per nonzero vs 4 bytes per entry
-            r, c = E.nonzero(as_tuple=True)  # row-major order
-            indptr = torch.zeros(E.shape[0] + 1, dtype=torch.long)
-            indptr[1:] = torch.bincount(r, minlength=E.shape[0]).cumsum(0)
-            tensors.update(edges_indptr=indptr, edges_indices=c.int(), edges_values=E[r, c])
-            layout = "csr"
-        else:
-            tensors["edges"] = E
-            layout = "dense"
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        if compress not in graph_codec.COMPRESSORS:
+            raise CltraceError(f"compress must be one of {', '.join(graph_codec.COMPRESSORS)}, not {compress!r}")
+        try:
+            arrays, edges_header = graph_codec.encode_edges(self.edges, edge_dtype)
+        except ValueError as e:
+            raise CltraceError(f"cannot save the graph: {e}") from None
+        fields = {"input_ids": self.input_ids, "features": self.features, "activations": self.activations,
+                  "logit_tokens": self.logit_tokens, "logit_probs": self.logit_probs, "rows": self.rows,
+                  "row_constant": self.row_constant, "row_value": self.row_value}
         header = {"format": FORMAT, "version": VERSION, "prompt": self.prompt, "tokens": self.tokens,
-                  "n_layers": self.n_layers, "logit_labels": self.logit_labels, "edges_layout": layout,
-                  "edges_shape": list(E.shape), "meta": self.meta}
+                  "n_layers": self.n_layers, "logit_labels": self.logit_labels, "edges": edges_header,
+                  "meta": self.meta}
+        if self.kept_pruning is not None:
+            k = self.kept_pruning
+            fields.update(kept_node_mask=k.node_mask, kept_cumulative=k.cumulative_scores)
+            header["kept_pruning"] = {"node_threshold": k.node_threshold, "edge_threshold": k.edge_threshold,
+                                      "n_edges_full": k.n_edges_full}
+        torch_dtypes = {}
+        for name, t in fields.items():
+            t = t.detach().cpu().contiguous()
+            torch_dtypes[name] = str(t.dtype).removeprefix("torch.")
+            arrays[name] = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+        tensors, infos = {}, {}
+        for name, a in arrays.items():
+            tensors[name], infos[name] = graph_codec.pack(a, compress)
+            if name in torch_dtypes:
+                infos[name]["torch"] = torch_dtypes[name]
+        header["arrays"] = infos
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"cltrace_graph": json.dumps(header)})
         tmp.replace(path)
@@ -118,6 +148,7 @@ class Graph:
 
     @classmethod
     def load(cls, path: str | Path) -> Graph:
+        """Any graph file cltrace wrote: this version's packed arrays, or version 1's dense/CSR float32."""
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -129,23 +160,49 @@ class Graph:
                 t = {k: f.get_tensor(k) for k in f.keys()}
             if header.get("format") != FORMAT:
                 raise KeyError("format")
-            shape = tuple(header["edges_shape"])
-            if header["edges_layout"] == "csr":
-                indptr = t["edges_indptr"]
-                r = torch.repeat_interleave(torch.arange(shape[0]), indptr[1:] - indptr[:-1])
-                edges = torch.zeros(shape)
-                edges[r, t["edges_indices"].long()] = t["edges_values"]
+            if int(header.get("version", 1)) > VERSION:
+                raise CltraceError(f"{path} was written by a newer cltrace (graph format version "
+                                   f"{header['version']}, this one reads up to {VERSION}): upgrade cltrace")
+            if "arrays" in header:  # version 2: packed arrays
+                a = {name: graph_codec.unpack(t[name], info) for name, info in header["arrays"].items()}
+                edges = graph_codec.decode_edges(a, header["edges"])
+                t = {name: _tensor(a[name], info.get("torch")) for name, info in header["arrays"].items()
+                     if not name.startswith("edges_")}
             else:
-                edges = t["edges"]
+                edges = _load_v1_edges(t, header)
+            kept = None
+            if "kept_pruning" in header:
+                k = header["kept_pruning"]
+                kept = KeptPruning(float(k["node_threshold"]), float(k["edge_threshold"]),
+                                   t["kept_node_mask"].bool(), t["kept_cumulative"], int(k["n_edges_full"]))
             g = cls(prompt=header["prompt"], input_ids=t["input_ids"], tokens=header["tokens"],
                     n_layers=header["n_layers"], features=t["features"], activations=t["activations"],
                     logit_tokens=t["logit_tokens"], logit_labels=header["logit_labels"],
                     logit_probs=t["logit_probs"], rows=t["rows"], edges=edges, row_constant=t["row_constant"],
-                    row_value=t["row_value"], meta=header.get("meta", {}))
+                    row_value=t["row_value"], meta=header.get("meta", {}), kept_pruning=kept)
             if tuple(g.edges.shape) != (g.rows.numel(), g.n_nodes):
                 raise ValueError(f"edge block {tuple(g.edges.shape)} does not match {g.rows.numel()}×{g.n_nodes} nodes")
-        except (SafetensorError, OSError, KeyError, ValueError, RuntimeError, TypeError,
-                json.JSONDecodeError) as e:
+            if kept is not None and {kept.node_mask.numel(), kept.cumulative_scores.numel()} != {g.n_nodes}:
+                raise ValueError("the kept pruning does not match the nodes")
+        except (SafetensorError, OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError,
+                json.JSONDecodeError, zlib.error, lzma.LZMAError, EOFError) as e:
             raise CltraceError(f"{path} is not a readable cltrace graph ({type(e).__name__}: {e}); "
                                "rebuild it with `cltrace trace`") from e
         return g
+
+
+def _tensor(a, torch_dtype: str | None) -> Tensor:
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if torch_dtype == "bfloat16" else t
+
+
+def _load_v1_edges(t: dict[str, Tensor], header: dict) -> Tensor:
+    """Version 1 files: the row block dense, or CSR with int32 columns and float32 values."""
+    shape = tuple(header["edges_shape"])
+    if header["edges_layout"] == "csr":
+        indptr = t["edges_indptr"]
+        r = torch.repeat_interleave(torch.arange(shape[0]), indptr[1:] - indptr[:-1])
+        edges = torch.zeros(shape)
+        edges[r, t["edges_indices"].long()] = t["edges_values"]
+        return edges
+    return t["edges"]

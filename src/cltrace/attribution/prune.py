@@ -7,16 +7,19 @@ Everything works on the graph's row block (only feature and logit nodes have inp
 
 Node pruning keeps the nodes holding `node_threshold` of the total influence (tokens and logits always
 stay); edge pruning then keeps the edges holding `edge_threshold` of the edge scores Â'[t, s]·(inf'(t) + w_t).
+
+`keep_pruned` makes the graph that a pruned-only file holds: the edges one pruning keeps, and that pruning (as
+computed on the full graph) beside them, so `prune` at the same thresholds gives the full graph's answer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from cltrace.attribution.graph import Graph
+from cltrace.attribution.graph import Graph, KeptPruning
 
 
 def normalize_rows(edges: Tensor) -> Tensor:
@@ -52,6 +55,11 @@ class PruneResult:
 
 
 def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
+    """The pruned graph's node and edge masks. A pruned-only graph (`keep_pruned`) at the thresholds that made it
+    returns the full graph's result it recorded; at other thresholds it prunes what it kept."""
+    k = graph.kept_pruning
+    if k is not None and (k.node_threshold, k.edge_threshold) == (node_threshold, edge_threshold):
+        return PruneResult(k.node_mask.clone(), graph.edges != 0, k.cumulative_scores.clone())
     E, rows, w = graph.edges.float(), graph.rows, graph.logit_weights()
     kinds = graph.kinds()
     # 1. nodes
@@ -82,6 +90,22 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     cumulative = torch.empty_like(cum)
     cumulative[order] = cum
     return PruneResult(node_mask, edge_mask, cumulative)
+
+
+def keep_pruned(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+                pruned: PruneResult | None = None) -> Graph:
+    """A copy of `graph` holding only the edges that pruning at these thresholds keeps, and that pruning.
+
+    What `cltrace trace --keep-pruned` saves: the file shrinks with the edges (e.g. 166k of 5.5M), and viewers
+    and `prune` at the same thresholds show exactly the full graph's pruned graph. Scores computed from it are
+    the kept subgraph's; the full graph's are in its meta when `cltrace trace` wrote it.
+    """
+    pr = pruned if pruned is not None else prune(graph, node_threshold, edge_threshold)
+    n_full = graph.kept_pruning.n_edges_full if graph.kept_pruning else int((graph.edges != 0).sum())
+    kept = KeptPruning(float(node_threshold), float(edge_threshold), pr.node_mask.clone(),
+                       pr.cumulative_scores.clone(), n_full)
+    edges = torch.where(pr.edge_mask, graph.edges, torch.zeros((), dtype=graph.edges.dtype))
+    return replace(graph, edges=edges, meta=dict(graph.meta), kept_pruning=kept)
 
 
 def scores(graph: Graph, pruned: PruneResult | None = None) -> tuple[float, float]:

@@ -38,6 +38,12 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--features", metavar="DB", help="feature database (`cltrace features build`) of these "
                                                     "transcoders: label the graph's features (saved in the graph's "
                                                     "meta and as the viewer JSON's clerp)")
+    p.add_argument("--edge-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="edge values in the file: float32 exact (default); float16 within max(2^-11 |e|, "
+                        "2^-24 row max), bfloat16 within 2^-8 |e| (docs/attribution.md, Graph files)")
+    p.add_argument("--compress", default="zlib", choices=["zlib", "lzma", "none"], help="graph file compressor")
+    p.add_argument("--keep-pruned", action="store_true",
+                   help="save only the edges the pruning at --node-threshold/--edge-threshold keeps (and that pruning)")
     p.add_argument("--png", metavar="FILE", help="also draw the pruned graph into this PNG")
     p.set_defaults(run=run)
 
@@ -98,7 +104,11 @@ def run(args, ctx) -> int:
                       scores={"replacement": rep_u, "completeness": comp_u, "replacement_pruned": rep_p,
                               "completeness_pruned": comp_p})
     t2 = time.perf_counter()
-    path = graph.save(args.out)
+    if args.keep_pruned:
+        from cltrace.attribution.prune import keep_pruned
+
+        graph = keep_pruned(graph, args.node_threshold, args.edge_threshold, pr)
+    path = graph.save(args.out, edge_dtype=args.edge_dtype, compress=args.compress)
     if args.export_json:
         from cltrace.attribution.export import export_graph_files
 
@@ -110,7 +120,7 @@ def run(args, ctx) -> int:
         plot_graph(graph, pr, args.png)
     save_s = time.perf_counter() - t2
     seconds = {"load": load_s, **graph.meta["seconds"], "prune_and_scores": prune_s, "save": save_s}
-    n_edges = int((graph.edges != 0).sum())
+    n_edges = graph.kept_pruning.n_edges_full if graph.kept_pruning else int((graph.edges != 0).sum())
     summary = {
         "prompt": args.prompt, "tokens": graph.tokens, "out": str(path),
         "n_nodes": graph.n_nodes, "n_edges": n_edges, "n_active_features": graph.meta["n_active_features"],
@@ -121,6 +131,7 @@ def run(args, ctx) -> int:
         "logits": [{"token": lab, "prob": float(p)} for lab, p in zip(graph.logit_labels, graph.logit_probs)],
         "max_logit_error": graph.meta["max_logit_error"],
         "n_labelled_features": len(graph.meta.get("feature_labels", {})),
+        "file_bytes": path.stat().st_size,
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
     }
     if args.json:
@@ -139,5 +150,5 @@ def run(args, ctx) -> int:
     for row in summary["logits"]:
         print(f"  {row['prob']:.4f}  {row['token']!r}")
     print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
-    print(f"saved {path}" + (f" and {args.png}" if args.png else ""))
+    print(f"saved {path} ({summary['file_bytes'] / 1e6:.2f} MB)" + (f" and {args.png}" if args.png else ""))
     return 0

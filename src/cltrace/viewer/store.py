@@ -7,6 +7,9 @@ DIR all come back as "no such graph".
 
 Each graph's state (pins, supernodes, layout, thresholds, labels when there is no feature database) is a
 JSON file next to it, `NAME.view.json`, written atomically.
+
+Every variant `Graph.save` writes loads here (packed float32/float16/bfloat16 edges, version 1 files); a pruned-only
+file (`cltrace trace --keep-pruned`) shows, at the thresholds that made it, exactly the full graph's pruned graph.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 from cltrace.attribution.export import node_ids
 from cltrace.attribution.graph import Graph
 from cltrace.errors import CltraceError
-from cltrace.viewer.reprune import Pruner
+from cltrace.viewer.reprune import Pruner, SparsePrune
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 SUFFIX = ".safetensors"
@@ -50,6 +53,22 @@ class Loaded:
     index: dict[str, int]
     pruner: Pruner
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class KeptPruner(Pruner):
+    """A pruned-only graph's pruner: at the thresholds that made the file, the pruning recorded in it (computed on
+    the full graph, which re-pruning the kept edges would not reproduce); at other thresholds, the kept edges'."""
+
+    def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> SparsePrune:
+        k = self.graph.kept_pruning
+        if k is None or (k.node_threshold, k.edge_threshold) != (node_threshold, edge_threshold):
+            return super().prune(node_threshold, edge_threshold)
+        r, s = self.graph.edges.nonzero(as_tuple=True)
+        return SparsePrune(k.node_mask.clone(), r, s, k.cumulative_scores.clone())
+
+
+def pruner_for(graph: Graph) -> Pruner:
+    return KeptPruner(graph) if graph.kept_pruning is not None else Pruner(graph)
 
 
 class GraphStore:
@@ -110,7 +129,7 @@ class GraphStore:
                 return hit
         graph = Graph.load(path)
         ids = node_ids(graph)
-        loaded = Loaded(graph, mtime, ids, {k: i for i, k in enumerate(ids)}, Pruner(graph))
+        loaded = Loaded(graph, mtime, ids, {k: i for i, k in enumerate(ids)}, pruner_for(graph))
         with self.lock:
             self.cache[name] = loaded
             while len(self.cache) > self.cache_size:
