@@ -15,6 +15,7 @@ Endpoints (JSON unless said; POST/PUT need the page's token, see security.py):
     GET  /api/graphs/{name}/export.json?subgraph=0|1   circuit-tracer / Neuronpedia graph JSON with qParams
     POST /api/graphs/{name}/steer            a steering job;  POST /api/trace: a new-graph job
     GET  /api/jobs/{id}                      a job's stage, progress, result or error
+    GET  /api/features/{layer}/{feature}/weights?kind=&direction=&top=   global weights (weights.py)
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from cltrace.viewer.payload import view_payload
 from cltrace.viewer.schemas import LabelEdit, Pinned, SteerRequest, TraceRequest, ViewState
 from cltrace.viewer.security import Guard, host_names, new_token
 from cltrace.viewer.store import GraphStore, Loaded
+from cltrace.viewer.weights import WeightsView
 
 STATIC = Path(__file__).parent / "static"
 VERSION = "1"
@@ -299,6 +301,12 @@ def make_app(directory, *, features=None, model: str | None = None, transcoders:
         return submit(v, "steer", lambda progress: steer(v.host, g, ivs, mode=req.mode, n_tokens=req.n_tokens,
                                                         progress=progress))
 
+    weights_view = WeightsView(v.host, v.labels)
+
+    def feature_weights(request: Request) -> Response:
+        p = request.path_params
+        return JSONResponse(weights_view.answer(p["layer"], p["feature"], request.query_params))
+
     def job(request: Request) -> Response:
         j = v.jobs.get(request.path_params["job_id"])
         if j is None:
@@ -321,6 +329,7 @@ def make_app(directory, *, features=None, model: str | None = None, transcoders:
         Route("/api/graphs/{name}/export.json", export),
         Route("/api/graphs/{name}/steer", steer_, methods=["POST"]),
         Route("/api/trace", trace, methods=["POST"]), Route("/api/jobs/{job_id}", job),
+        Route("/api/features/{layer:int}/{feature:int}/weights", feature_weights),
         Mount("/static", app=StaticFiles(directory=str(STATIC)), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, CltraceError: user_error})

@@ -3,6 +3,7 @@
 import {api} from "./api.js";
 import {edgesOf} from "./graph.js";
 import {clear, el, fmt, signedColor, tok} from "./util.js";
+import {weightsSection} from "./weights.js";
 
 export class NodePane {
   constructor(root, app) { this.root = root; this.app = app; this.seq = 0; }
@@ -25,6 +26,7 @@ export class NodePane {
     const dash = el("div", {class: "dashboard", "data-testid": "dashboard"});
     this.root.append(dash);
     if (d.kind[i] !== 0) return;
+    dash.before(weightsSection(this.app, d.layer[i], d.feature[i]));
     dash.append(el("p", {class: "hint", text: "loading the dashboard…"}));
     let info;
     try { info = await api.node(this.app.name, id); } catch (e) { clear(dash).append(el("p", {class: "error", text: e.message})); return; }
