@@ -160,3 +160,8 @@ def test_a_token_budget_gets_the_recipe_too_and_a_config_file_does_not(tmp_path)
     TrainConfig(tokens=300_000).save(saved)
     cfg = config("--config", str(saved))
     assert {key: getattr(cfg, key) for key in RECIPE} == {key: getattr(TrainConfig(), key) for key in RECIPE}
+    # on a GPU the decode is left to `auto` (dense under bf16); everything else is the recipe
+    gpu = train_cli.build_config(parser.parse_args(["train", "--tokens", "2e5"]), device="cuda:0")
+    assert RECIPE["sparse_decode"] != "auto" and gpu.sparse_decode == "auto"
+    assert {key: getattr(gpu, key) for key in RECIPE if key != "sparse_decode"} == {
+        key: v for key, v in RECIPE.items() if key != "sparse_decode"}

@@ -60,16 +60,17 @@ def add_parser(sub, name: str) -> None:
     p.set_defaults(run=run)
 
 
-def build_config(args):
-    """Defaults < --config FILE < the run's saved config (with --resume) < --set < named options."""
+def build_config(args, device=None):
+    """Defaults < --config FILE < the run's saved config (with --resume) < --set < named options.
+    The defaults are the recipe for `device` (training/recipe.py), or TrainConfig's own under --config."""
     from pathlib import Path
 
     from cltrace.training.config import CONFIG_FILE, TrainConfig, parse_assignments
-    from cltrace.training.recipe import RECIPE
+    from cltrace.training.recipe import recipe
 
     # the recipe is the defaults of every run (a --tokens or a --minutes budget); a --config file starts from
     # TrainConfig's own defaults instead, so a saved config reproduces its run
-    cfg = TrainConfig.load(args.config) if args.config else TrainConfig().override(RECIPE)
+    cfg = TrainConfig.load(args.config) if args.config else TrainConfig().override(recipe(device))
     if args.resume:
         out = Path(args.out or cfg.out)
         if (out / CONFIG_FILE).exists():
@@ -85,7 +86,7 @@ def build_config(args):
 
 def run(args, ctx) -> int:
 
-    cfg = build_config(args)
+    cfg = build_config(args, device=ctx.device)
     if cfg.device == "auto":
         cfg = cfg.override({"device": str(ctx.device)})
     cfg.validate()
