@@ -103,6 +103,7 @@ class RowComputer:
         self.err = rep.error.float()  # [L, T, D] error nodes' output vectors
         self.emb = rep.embed.float()  # [T, D] token nodes' output vectors
         self.groups = self._build_groups()
+        self.dec = None if self.groups is not None else self._decoder_rows()
 
     def __call__(self, seeds: list[tuple[int, int, Tensor]]) -> Tensor:
         """seeds: (read layer, L = final_normed; pos; input vector [D]) -> rows [B, n_cols] float32.
@@ -162,20 +163,31 @@ class RowComputer:
                     break
                 rows.index_add_(1, cols, g[:, pos] @ vecs.T)  # [B, D] @ [D, n]
 
+    @torch.no_grad()
+    def _decoder_rows(self) -> list[tuple[Tensor, Tensor]]:
+        """Per source layer s: (W_dec[s] rows of its distinct active features [u, n_out, D], each active
+        feature's row in it [n_s]): read once (a feature firing at several positions is stored once)."""
+        out = []
+        for s, sl in enumerate(self.slices):
+            uniq, inverse = self.rep.features.index[sl].unique(return_inverse=True)
+            out.append((self.tc.decoder_vectors(s, uniq), inverse))
+        return out
+
     def _feature_cols_gathered(self, G: Tensor, rows: Tensor, top: int, P: int, chunk_elems: int = 2**24) -> None:
         """Long prompts (too many (layer, position) groups): gather G at the features' positions, in chunks."""
-        feats, tc, B = self.rep.features, self.tc, G.shape[0]
+        feats, B = self.rep.features, G.shape[0]
         Gt = G.permute(2, 0, 1, 3).contiguous()  # [P, B, top, D]: a feature's slice is one gather
         for s, sl in enumerate(self.slices):
             if sl.stop == sl.start or s >= top:
                 continue
             stop = sl.start + int(torch.searchsorted(feats.pos[sl], P))  # sorted by pos within a layer
-            k = min(tc.n_out(s), top - s)  # output layers that can reach a read point in this batch
+            k = min(self.tc.n_out(s), top - s)  # output layers that can reach a read point in this batch
+            dec, inverse = self.dec[s]
             step = max(1, chunk_elems // (B * k * self.D))
             for c in range(sl.start, stop, step):
                 e = min(c + step, stop)
                 g = Gt[feats.pos[c:e], :, s:s + k].reshape(e - c, B, k * self.D)  # [c, B, k·D]
-                w = tc.decoder_vectors(s, feats.index[c:e])[:, :k].float().reshape(e - c, k * self.D, 1)  # [c, k·D, 1]
+                w = dec[inverse[c - sl.start:e - sl.start], :k].float().reshape(e - c, k * self.D, 1)  # [c, k·D, 1]
                 rows[:, c:e] = torch.bmm(g, w)[:, :, 0].T * feats.act[c:e].float()
 
     @torch.no_grad()
@@ -240,17 +252,26 @@ def _influence_on_columns(rows: Tensor, row_col: Tensor, weights: Tensor, n_cols
     rows [R, n_cols]; row_col [R] the column of each row's node (n_cols for logits, which have none);
     weights [R] logit probabilities (0 for feature rows). Power series Σ_k wᵀ Âᵏ with Â = row-normalized |A|.
     """
-    inv = 1.0 / rows.abs().sum(1).clamp_min(1e-10)  # [R]
-    cur, acc = weights.clone(), torch.zeros(n_cols + 1, device=rows.device)
+    R, dev = rows.shape[0], rows.device
+    inv = torch.empty(R, device=dev)
+    has_col = row_col < n_cols  # logit rows have no column
+    cols = row_col[has_col]
+    Q = torch.zeros(R, R, device=dev)  # Â restricted to the rows' own columns: Q[i, j] = Â[i, row_col[j]]
+    for i in range(0, R, 1024):  # chunked so |rows| is never materialized whole
+        a = rows[i:i + 1024].abs()
+        inv[i:i + 1024] = 1.0 / a.sum(1).clamp_min(1e-10)
+        Q[i:i + 1024, has_col] = a[:, cols] * inv[i:i + 1024, None]
+    # Σ_k y_k with y_k = c_k Â and c_{k+1} = y_k[row_col] = c_k Q: the series runs on Q, then one pass over Â
+    cur, total = weights.clone(), torch.zeros(R, device=dev)
     for _ in range(max_iter):
-        y = torch.zeros(n_cols + 1, device=rows.device)
-        for i in range(0, rows.shape[0], 1024):  # chunked so |rows| is never materialized whole
-            y[:n_cols] += (cur[i:i + 1024] * inv[i:i + 1024]) @ rows[i:i + 1024].abs()
-        if not y.any():
+        total += cur
+        cur = cur @ Q
+        if not cur.any():
             break
-        acc += y
-        cur = y[row_col]
-    return acc[:n_cols]
+    acc = torch.zeros(n_cols, device=dev)
+    for i in range(0, R, 1024):
+        acc += (total[i:i + 1024] * inv[i:i + 1024]) @ rows[i:i + 1024].abs()
+    return acc
 
 
 def _batch_size(batch_size: int, L: int, T: int, D: int, memory_mb: float) -> int:
@@ -289,20 +310,32 @@ def attribute(
     feats = rep.features
     dev = leaves.emb.device
 
-    def feature_seed(k: int) -> tuple[int, int, Tensor]:
-        s = int(feats.layer[k])
-        return s, int(feats.pos[k]), tc.W_enc[s][:, int(feats.index[k])].detach()
+    # every active feature's encoder column [nf, D] (its row's seed), read once: a lazy transcoder reads each
+    # layer's encoder once here instead of once per batch
+    with torch.no_grad():
+        enc = tc.encoder_vectors(feats.layer, feats.index).float()
 
-    # logit rows first
-    row_blocks: list[Tensor] = []
+    def feature_seed(k: int) -> tuple[int, int, Tensor]:
+        return int(feats.layer[k]), int(feats.pos[k]), enc[k]
+
+    # rows land in one buffer allocated once (logit rows first, then feature rows in visiting order):
+    # no concatenated copy of the rows is ever made
+    budget = nf if max_feature_nodes is None else min(max_feature_nodes, nf)
+    rows = torch.empty(len(tgts) + budget, rc.n_cols, device=dev)
+    n_rows = 0
+
+    def add_rows(block: Tensor) -> None:
+        nonlocal n_rows
+        rows[n_rows:n_rows + block.shape[0]] = block
+        n_rows += block.shape[0]
+
     for i in range(0, len(tgts), B):
-        row_blocks.append(rc([(L, T - 1, t.vector) for t in tgts[i:i + B]]))
+        add_rows(rc([(L, T - 1, t.vector) for t in tgts[i:i + B]]))
     timings["logit_rows"] = time.perf_counter() - t1
 
     # feature rows: all of them, or the most influential ones first (refreshed every update_interval
     # batches); either way in batches of nearby (position, layer) that truncated passes make cheap
     t2 = time.perf_counter()
-    budget = nf if max_feature_nodes is None else min(max_feature_nodes, nf)
     f_pos, f_layer = feats.pos.tolist(), feats.layer.tolist()
     visited: list[int] = []
 
@@ -316,7 +349,7 @@ def attribute(
         for batch in plan_batches([(f_pos[k], f_layer[k]) for k in ks], sizes, L):
             n_batches += 1
             kb = [ks[i] for i in batch]
-            row_blocks.append(rc([feature_seed(k) for k in kb]))
+            add_rows(rc([feature_seed(k) for k in kb]))
             visited.extend(kb)
 
     if budget == nf:
@@ -325,10 +358,9 @@ def attribute(
         seen = torch.zeros(nf, dtype=torch.bool, device=dev)
         weights = torch.tensor([t.prob for t in tgts], device=dev)
         while len(visited) < budget:
-            rows = torch.cat(row_blocks)
             row_col = torch.tensor([rc.n_cols] * len(tgts) + visited, device=dev)
             w = torch.cat([weights, torch.zeros(len(visited), device=dev)])
-            inf = _influence_on_columns(rows, row_col, w, rc.n_cols)[:nf]
+            inf = _influence_on_columns(rows[:n_rows], row_col, w, rc.n_cols)[:nf]
             inf[seen] = -1
             ks = inf.argsort(descending=True)[: min(budget - len(visited), update_interval * B)].tolist()
             run_rows(ks)
@@ -336,7 +368,7 @@ def attribute(
     timings["feature_rows"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    graph = _assemble(model, rep, tgts, torch.cat(row_blocks), visited, text, ids, fold_dropped, leaves)
+    graph = _assemble(model, rep, tgts, rows[:n_rows], visited, text, ids, fold_dropped, leaves, enc)
     with torch.no_grad():
         ref = model.hf(input_ids=ids[None], logits_to_keep=1).logits[0, -1].float()  # the plain HF forward
         graph.meta["max_logit_error"] = float((rep.forward(last_only=True)[-1].float() - ref).abs().max())
@@ -353,9 +385,12 @@ def attribute(
 
 @torch.no_grad()
 def _assemble(model: ModelAdapter, rep: LocalReplacement, tgts: list[Target], rows: Tensor, visited: list[int],
-              text: str, ids: Tensor, fold_dropped: bool, leaves: _Leaves) -> Graph:
-    """Rows in visiting order -> the Graph's node order, with unselected feature columns folded or dropped."""
-    feats, tc = rep.features, rep.tc
+              text: str, ids: Tensor, fold_dropped: bool, leaves: _Leaves, enc: Tensor, chunk: int = 1024) -> Graph:
+    """Rows in visiting order -> the Graph's node order, with unselected feature columns folded or dropped.
+
+    Written chunk by chunk of rows straight into the edge matrix, so no temporary as large as the rows exists.
+    """
+    feats = rep.features
     L, T = rep.mlp_out.shape[:2]
     nf, n_l = len(feats), len(tgts)
     dev = rows.device
@@ -365,24 +400,28 @@ def _assemble(model: ModelAdapter, rep: LocalReplacement, tgts: list[Target], ro
     # column map: old column -> new node index
     col_map = torch.full((nf,), -1, dtype=torch.long, device=dev)
     col_map[sel] = torch.arange(n_sel, device=dev)
-    edges = torch.zeros(rows.shape[0], N, device=dev)
-    edges[:, :n_sel] = rows[:, sel]
-    edges[:, n_sel:n_sel + (L + 1) * T] = rows[:, nf:]
     dropped = (col_map < 0).nonzero(as_tuple=True)[0]
-    if fold_dropped and dropped.numel():
-        err_cols = n_sel + feats.layer[dropped] * T + feats.pos[dropped]
-        edges.index_add_(1, err_cols, rows[:, dropped])
-    # row order: selected features (ascending), then logits
+    err_cols = n_sel + feats.layer[dropped] * T + feats.pos[dropped]
+    # row order: selected features (ascending), then logits; dest[i] = where computed row i goes
     order = {k: i for i, k in enumerate(visited)}
     feat_rows = torch.tensor([n_l + order[k] for k in sel.tolist()], dtype=torch.long, device=dev)
     perm = torch.cat([feat_rows, torch.arange(n_l, device=dev)])
-    edges = edges[perm]
+    dest = torch.empty_like(perm)
+    dest[perm] = torch.arange(perm.numel(), device=dev)
+    edges = torch.zeros(rows.shape[0], N, device=dev)
+    for i in range(0, rows.shape[0], chunk):
+        r = rows[i:i + chunk]
+        e = torch.zeros(r.shape[0], N, device=dev)
+        e[:, :n_sel] = r[:, sel]
+        e[:, n_sel:n_sel + (L + 1) * T] = r[:, nf:]
+        if fold_dropped and dropped.numel():
+            e.index_add_(1, err_cols, r[:, dropped])
+        edges[dest[i:i + chunk]] = e
     row_nodes = torch.cat([torch.arange(n_sel, device=dev), torch.arange(N - n_l, N, device=dev)])
     # constants and values
     c_reads, c_final = constants(rep)
     s_layer, s_pos, s_idx = feats.layer[sel], feats.pos[sel], feats.index[sel]
-    enc = tc.W_enc[s_layer, :, s_idx].float()  # [n_sel, D]
-    c_feat = (torch.stack(c_reads).float()[s_layer, s_pos] * enc).sum(-1)
+    c_feat = (torch.stack(c_reads).float()[s_layer, s_pos] * enc[sel]).sum(-1)  # enc [nf, D]
     vecs = torch.stack([t.vector for t in tgts]).to(dev)  # [n_l, D]
     c_logit = vecs @ c_final[-1].float()
     v_logit = vecs @ leaves.final[0, -1].detach().float()

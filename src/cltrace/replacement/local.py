@@ -75,7 +75,7 @@ class LocalReplacement:
             x = tc.select_input(resid_mid, mlp_in)[0].to(tc.W_enc.dtype)  # [T, D]
             a = tc.activate(tc.pre_acts(x, layer), layer, training=False)  # [T, F]
             a[0] = 0
-            writes[tc.target_layers(layer)] += tc.decode_source(layer, a).transpose(0, 1)
+            writes[tc.target_layers(layer)] += decode_active(tc, layer, a).transpose(0, 1)
             out = writes[layer] + tc.b_dec[layer]
             if tc.W_skip is not None:
                 out = out + x @ tc.W_skip[layer]
@@ -113,11 +113,17 @@ def reconstruct(tc: Transcoder, feats: ActiveFeatures, inputs: Tensor) -> Tensor
     for s, sl in enumerate(feats.layer_slices(L)):
         a = torch.zeros(T, tc.n_features, dtype=tc.W_enc.dtype, device=inputs.device)  # [T, F]
         a[feats.pos[sl], feats.index[sl]] = feats.act[sl]
-        writes[tc.target_layers(s)] += tc.decode_source(s, a).transpose(0, 1)
+        writes[tc.target_layers(s)] += decode_active(tc, s, a).transpose(0, 1)
     out = writes + tc.b_dec[:, None, :]
     if tc.W_skip is not None:
         out = out + skip_term(tc, inputs)
     return out
+
+
+def decode_active(tc: Transcoder, layer: int, a: Tensor) -> Tensor:
+    """a [T, F] -> [T, n_out, D]: the decoder rows of the features active at some position, only (a lazy
+    transcoder reads just those), summed in one product whether the weights are in memory or on disk."""
+    return tc.decode_source(layer, a, features=(a != 0).any(0).nonzero()[:, 0])
 
 
 def skip_term(tc: Transcoder, inputs: Tensor) -> Tensor:

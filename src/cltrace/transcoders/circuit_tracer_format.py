@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from cltrace.errors import CltraceError
+from cltrace.transcoders.lazy import LazyStore, Part, TensorFile, check_shapes, lazy_transcoder
 from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
 
 # circuit-tracer / TransformerLens hook name -> our read or write point
@@ -32,8 +33,10 @@ OUTPUT_HOOKS = {"hook_mlp_out": "mlp_out", "mlp.hook_out": "mlp_out"}
 EXPORT_INPUT_HOOK = {"resid_mid": "hook_resid_mid", "mlp_in": "mlp.hook_in"}
 
 
-def load_circuit_tracer(folder: str | Path, *, device="cpu", dtype=torch.float32) -> Transcoder:
-    """A circuit-tracer `transcoder_set` or `cross_layer_transcoder` folder -> our `Transcoder`."""
+def load_circuit_tracer(folder: str | Path, *, device="cpu", dtype=torch.float32, lazy: bool = False
+                        ) -> Transcoder:
+    """A circuit-tracer `transcoder_set` or `cross_layer_transcoder` folder -> our `Transcoder` (lazy: encoders
+    and decoders left in their per-layer files, see `transcoders.lazy`)."""
     import yaml
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -50,6 +53,8 @@ def load_circuit_tracer(folder: str | Path, *, device="cpu", dtype=torch.float32
             f"{folder}: hooks {in_hook!r} -> {out_hook!r} are not supported; cltrace reads "
             f"{sorted(INPUT_HOOKS)} and writes {sorted(OUTPUT_HOOKS)}"
         )
+    if lazy and kind in ("transcoder_set", "cross_layer_transcoder"):
+        return _load_lazy(folder, cfg, kind, in_hook, device=device, dtype=dtype)
     try:
         if kind == "transcoder_set":
             layers = _load_numbered(folder, "layer_{}.safetensors", load_file)
@@ -63,15 +68,61 @@ def load_circuit_tracer(folder: str | Path, *, device="cpu", dtype=torch.float32
     except (SafetensorError, OSError, KeyError) as e:
         raise CltraceError(f"{folder} is not a complete circuit-tracer transcoder ({e})") from e
     L, D, F = params["W_enc"].shape
-    tcfg = TranscoderConfig(
-        kind="plt" if kind == "transcoder_set" else "clt", n_layers=L, d_model=D, n_features=F,
-        activation="jumprelu" if params.pop("has_threshold") else "relu", skip="W_skip" in params,
-        model_name=str(cfg.get("model_name", "")),
-        reads=INPUT_HOOKS[in_hook], extra={"source": "circuit-tracer", "scan": str(cfg.get("scan", folder))},
-    )
+    tcfg = _config(folder, cfg, kind, in_hook, (L, D, F), params.pop("has_threshold"), "W_skip" in params)
     state = {k: v for k, v in params.items() if not k.startswith("W_dec")}
     state.update({f"W_dec.{s}": w for s, w in enumerate(params["W_dec"])})
     return Transcoder.from_state_dict(tcfg, state, device=device, dtype=dtype)
+
+
+def _config(folder: Path, cfg: dict, kind: str, in_hook: str, shape: tuple[int, int, int], has_threshold: bool,
+            skip: bool) -> TranscoderConfig:
+    L, D, F = shape
+    return TranscoderConfig(
+        kind="plt" if kind == "transcoder_set" else "clt", n_layers=L, d_model=D, n_features=F,
+        activation="jumprelu" if has_threshold else "relu", skip=skip, model_name=str(cfg.get("model_name", "")),
+        reads=INPUT_HOOKS[in_hook], extra={"source": "circuit-tracer", "scan": str(cfg.get("scan", folder))},
+    )
+
+
+def _load_lazy(folder: Path, cfg: dict, kind: str, in_hook: str, *, device, dtype) -> Transcoder:
+    """Encoders stored [F, D] per layer (read whole and transposed, as the eager load stacks them), decoders
+    [F, n_out, D] (PLT: [F, D], given our middle axis) read by rows; small tensors converted as `_plt_params`
+    and `_clt_params` convert them."""
+    plt = kind == "transcoder_set"
+    enc_pattern = "layer_{}.safetensors" if plt else "W_enc_{}.safetensors"
+    L = 0
+    while (folder / enc_pattern.format(L)).exists():
+        L += 1
+    if L == 0:
+        raise CltraceError(f"{folder}: no {enc_pattern.format(0)} found")
+    enc = [TensorFile(folder / enc_pattern.format(i)) for i in range(L)]
+    dec = enc if plt else [TensorFile(folder / f"W_dec_{i}.safetensors") for i in range(L)]
+    enc_name = (lambda i: "W_enc") if plt else (lambda i: f"W_enc_{i}")
+    dec_name = (lambda i: "W_dec") if plt else (lambda i: f"W_dec_{i}")
+    F, D = enc[0].shape(enc_name(0))
+    for i in range(L):
+        check_shapes(enc[i], {enc_name(i): (F, D)})
+        check_shapes(dec[i], {dec_name(i): (F, D) if plt else (F, L - i, D)})
+    thr = (lambda i: "activation_function.threshold") if plt else (lambda i: f"threshold_{i}")
+    b_enc = (lambda i: "b_enc") if plt else (lambda i: f"b_enc_{i}")
+    b_dec = (lambda i: "b_dec") if plt else (lambda i: f"b_dec_{i}")
+    has_thr = thr(0) in enc[0].tensors
+    skip = plt and any("W_skip" in f.tensors for f in enc)
+    b = [enc[i].read(b_enc(i)) for i in range(L)]
+    small = {
+        "b_enc": torch.stack(b).float(),
+        "log_threshold": torch.stack([_log_threshold(enc[i].read(thr(i)) if has_thr else None, b[i])
+                                      for i in range(L)]),
+        "b_dec": torch.stack([enc[i].read(b_dec(i)) for i in range(L)]).float(),
+    }
+    if skip:
+        small["W_skip"] = torch.stack([enc[i].read("W_skip").T if "W_skip" in enc[i].tensors else torch.zeros(D, D)
+                                       for i in range(L)]).contiguous().float()
+    store = LazyStore(
+        [Part(0, F, lambda i: (enc[i], enc_name(i), None), lambda i: (dec[i], dec_name(i)))],
+        enc + ([] if plt else dec), F, encoder_transposed=True,
+        fold_dec=(lambda i, rows: rows[:, None, :].contiguous()) if plt else None, dtype=dtype, device=device)
+    return lazy_transcoder(_config(folder, cfg, kind, in_hook, (L, D, F), has_thr, skip), small, store)
 
 
 def _load_numbered(folder: Path, pattern: str, load_file) -> list[dict[str, Tensor]]:

@@ -17,6 +17,15 @@ import torch
 from cltrace.errors import CltraceError
 from cltrace.transcoders.checkpoint import is_checkpoint, transcoder_from_checkpoint
 from cltrace.transcoders.circuit_tracer_format import load_circuit_tracer
+from cltrace.transcoders.lazy import (
+    SMALL_PARAMS,
+    LazyStore,
+    Part,
+    TensorFile,
+    check_shapes,
+    lazy_transcoder,
+    read_small,
+)
 from cltrace.transcoders.sharded import SHARDS, load_sharded
 from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
 
@@ -45,29 +54,49 @@ def save_transcoder(tc: Transcoder, folder: str | Path) -> Path:
     return folder
 
 
-def load_transcoder(folder: str | Path, *, device="cpu", dtype=torch.float32) -> Transcoder:
+def load_transcoder(folder: str | Path, *, device="cpu", dtype=torch.float32, lazy: bool | str = "auto"
+                     ) -> Transcoder:
     """Load a cltrace transcoder folder, a feature-sharded one (shards.json), a circuit-tracer one (config.yaml),
     or a training checkpoint (`RUN/checkpoints/step-N`: the transcoder as it stood at that step).
+
+    lazy: True keeps W_enc and W_dec on disk and reads one layer's encoder / the listed features' decoder rows
+    when they are used (`transcoders.lazy`; same values bit for bit; training needs lazy=False). "auto": lazy
+    when the weight files exceed half the memory available now.
 
     In eval mode: a loaded transcoder is for inference, and a BatchTopK one in training mode would keep the top
     k·N of whatever batch it is given instead of applying its learned thresholds.
     """
-    return _load(Path(folder), device=device, dtype=dtype).eval()
-
-
-def _load(folder: Path, *, device, dtype) -> Transcoder:
+    folder = Path(folder)
     if not folder.exists():
         raise CltraceError(f"no transcoder folder at {folder}: give a folder written by `cltrace train`")
+    if lazy == "auto":
+        lazy = _weights_bytes(folder) > 0.5 * _available_memory()
+    return _load(folder, device=device, dtype=dtype, lazy=bool(lazy)).eval()
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def _available_memory() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def _load(folder: Path, *, device, dtype, lazy: bool = False) -> Transcoder:
     if is_checkpoint(folder):
-        return transcoder_from_checkpoint(folder, device=device, dtype=dtype)
+        return transcoder_from_checkpoint(folder, device=device, dtype=dtype, lazy=lazy)
     if (folder / SHARDS).exists() and not (folder / WEIGHTS).exists():  # feature-sharded training output
-        return load_sharded(folder, device=device, dtype=dtype)
+        return load_sharded(folder, device=device, dtype=dtype, lazy=lazy)
     if not (folder / CONFIG).exists() and (folder / "config.yaml").exists():
-        return load_circuit_tracer(folder, device=device, dtype=dtype)
+        return load_circuit_tracer(folder, device=device, dtype=dtype, lazy=lazy)
     if not (folder / CONFIG).exists() or not (folder / WEIGHTS).exists():
         raise CltraceError(
             f"{folder} holds no transcoder ({CONFIG} + {WEIGHTS}, or a circuit-tracer config.yaml)"
         )
+    if lazy:
+        return _load_lazy(folder, device=device, dtype=dtype)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -85,6 +114,22 @@ def _load(folder: Path, *, device, dtype) -> Transcoder:
         if tuple(state[name].shape) != tuple(p.shape):
             raise CltraceError(f"{folder}: {name} has shape {tuple(state[name].shape)}, config says {tuple(p.shape)}")
     return Transcoder.from_state_dict(cfg, state, device=device, dtype=dtype)
+
+
+def _load_lazy(folder: Path, *, device, dtype) -> Transcoder:
+    """The single-file folder with W_enc [L, D, F] and W_dec_s [F, n_out(s), D] left on disk."""
+    try:
+        cfg = TranscoderConfig.from_dict(json.loads((folder / CONFIG).read_text()))
+        cfg.validate()
+    except (json.JSONDecodeError, TypeError, ValueError, OSError) as e:
+        raise CltraceError(f"{folder} is corrupt or not a cltrace transcoder ({e}); retrain or re-export it") from e
+    f = TensorFile(folder / WEIGHTS)
+    L, D, F = cfg.n_layers, cfg.d_model, cfg.n_features
+    n_out = [L - s if cfg.kind == "clt" else 1 for s in range(L)]
+    check_shapes(f, {"W_enc": (L, D, F), **{f"W_dec_{s}": (F, n_out[s], D) for s in range(L)}})
+    store = LazyStore([Part(0, F, lambda layer: (f, "W_enc", layer), lambda layer: (f, f"W_dec_{layer}"))], [f], F,
+                      dtype=dtype, device=device)
+    return lazy_transcoder(cfg, read_small(f, {n: n for n in SMALL_PARAMS}), store)
 
 
 def merge_shards(folder: str | Path, out: str | Path) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from cltrace.errors import CltraceError
+from cltrace.transcoders.lazy import LazyStore, Part, TensorFile, check_shapes, lazy_transcoder, read_small
 from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
 
 SHARDS = "shards.json"
@@ -127,12 +128,15 @@ def load_shard(folder: str | Path, shard: int, *, device="cpu", dtype=torch.floa
                                       device=device, dtype=dtype)
 
 
-def load_sharded(folder: str | Path, *, device="cpu", dtype=torch.float32) -> Transcoder:
-    """All shards of a folder, concatenated into the full transcoder."""
+def load_sharded(folder: str | Path, *, device="cpu", dtype=torch.float32, lazy: bool = False) -> Transcoder:
+    """All shards of a folder, concatenated into the full transcoder (lazy: left on disk, see
+    `transcoders.lazy`; a layer's encoder is read from every shard, a feature's decoder row from its own)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     cfg, n, bounds = _read_index(folder)
+    if lazy:
+        return _load_lazy(folder, cfg, n, bounds, device=device, dtype=dtype)
     parts = [load_file(str(folder / shard_file(j, n))) for j in range(n)]
     state = {
         "W_enc": torch.cat([p["W_enc"] for p in parts], dim=-1),
@@ -148,6 +152,24 @@ def load_sharded(folder: str | Path, *, device="cpu", dtype=torch.float32) -> Tr
         return Transcoder.from_state_dict(cfg, state, device=device, dtype=dtype)
     except RuntimeError as e:
         raise CltraceError(f"{folder}: shards do not fit the config ({e})") from e
+
+
+def _load_lazy(folder: Path, cfg: TranscoderConfig, n: int, bounds: list[tuple[int, int]], *, device,
+               dtype) -> Transcoder:
+    L, D = cfg.n_layers, cfg.d_model
+    files = [TensorFile(folder / shard_file(j, n)) for j in range(n)]
+    if bounds[-1][1] != cfg.n_features:
+        raise CltraceError(f"{folder}: shards hold {bounds[-1][1]} features, config says {cfg.n_features}")
+    parts = []
+    for f, (lo, hi) in zip(files, bounds):
+        n_out = [L - s if cfg.kind == "clt" else 1 for s in range(L)]
+        check_shapes(f, {"W_enc": (L, D, hi - lo), **{f"W_dec_{s}": (hi - lo, n_out[s], D) for s in range(L)}})
+        parts.append(Part(lo, hi, lambda layer, f=f: (f, "W_enc", layer), lambda layer, f=f: (f, f"W_dec_{layer}")))
+    smalls = [read_small(f, {"b_enc": "b_enc", "log_threshold": "log_threshold"}) for f in files]
+    small = {k: torch.cat([s[k] for s in smalls], dim=-1) for k in ("b_enc", "log_threshold")}
+    small.update(read_small(files[0], {k: k for k in SHARED_PARAMS}))
+    store = LazyStore(parts, files, cfg.n_features, dtype=dtype, device=device)
+    return lazy_transcoder(cfg, small, store)
 
 
 def _param_name(key: str) -> str:

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from cltrace.errors import CltraceError
 from cltrace.transcoders.activations import batch_topk, batch_topk_mask, jumprelu, topk
 from cltrace.transcoders.sparse import (
     Listing,
@@ -109,6 +110,9 @@ class Transcoder(nn.Module):
         )
         self.b_dec = nn.Parameter(torch.zeros(L, D, **kw))  # [L, D]
         self.W_skip = nn.Parameter(torch.zeros(L, D, D, **kw)) if cfg.skip else None  # [L, D, D]
+        # a `transcoders.lazy.LazyStore` when W_enc and W_dec stay on disk (`load_transcoder(lazy=True)`): they are
+        # then meta tensors and every read goes through `encoder` / `decoder_vectors` below
+        self.store = None
         if init:
             self.reset_parameters()
 
@@ -143,11 +147,21 @@ class Transcoder(nn.Module):
         return self.cfg.n_layers - s if self.cfg.kind == "clt" else 1
 
     @property
+    def lazy(self) -> bool:
+        """True when W_enc and W_dec are read from disk on demand (see `transcoders.lazy`)."""
+        return self.store is not None
+
+    def _require_eager(self, what: str) -> None:
+        if self.store is not None:
+            raise CltraceError(f"{what} needs the whole transcoder in memory: load it with lazy=False")
+
+    @property
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
 
     def reset_parameters(self) -> None:
         """The paper's init: encoder U(±1/√F), decoder U(±1/√(L·D)) (for a CLT, over the layers written)."""
+        self._require_eager("reset_parameters")
         L, D, F = self.cfg.n_layers, self.cfg.d_model, self.cfg.n_features
         with torch.no_grad():
             bound = 1.0 / math.sqrt(F)
@@ -159,6 +173,29 @@ class Transcoder(nn.Module):
             self.b_enc.zero_()
             self.b_dec.zero_()
 
+    # ------------------------------------------------------------------ weights by layer / feature
+    def encoder(self, layer: int) -> Tensor:
+        """W_enc[layer]: [D, F] (read from disk when lazy)."""
+        return self.W_enc[layer] if self.store is None else self.store.encoder(layer)
+
+    def encoder_vectors(self, layers: Tensor, features: Tensor) -> Tensor:
+        """Listed features' encoder columns: layers [n], features [n] -> W_enc[layers, :, features] [n, D].
+        Lazy: each layer's encoder is read once."""
+        if self.store is None:
+            return self.W_enc[layers, :, features]
+        out = torch.empty(layers.numel(), self.cfg.d_model, dtype=self.b_enc.dtype, device=self.b_enc.device)
+        for layer in layers.unique().tolist():
+            sel = (layers == layer).nonzero()[:, 0]
+            out[sel] = self.encoder(layer)[:, features[sel]].T
+        return out
+
+    def decoder_vectors(self, layer: int, features: Tensor) -> Tensor:
+        """[n] features of `layer` -> W_dec[layer][features]: [n, n_out(layer), D]; target layers are
+        layer .. layer+n_out−1. Lazy: only those rows are read."""
+        if self.store is None:
+            return self.W_dec[layer][features]
+        return self.store.decoder_rows(layer, features)
+
     # ------------------------------------------------------------------ encode
     def pre_acts(self, x: Tensor, layer: int | None = None, *, matmul_dtype: torch.dtype | None = None) -> Tensor:
         """x [N, L, D] -> [N, L, F] (or, for one layer, x [N, D] -> [N, F]).
@@ -168,10 +205,12 @@ class Transcoder(nn.Module):
         AVX512-BF16 or AMX, at about 3 significant digits (a feature near its threshold may flip).
         """
         if layer is not None:
-            if matmul_dtype is not None and matmul_dtype != self.W_enc.dtype:
-                W = self.W_enc[layer].to(matmul_dtype)
-                return (x.to(matmul_dtype) @ W).to(self.W_enc.dtype) + self.b_enc[layer]
-            return x @ self.W_enc[layer] + self.b_enc[layer]
+            W = self.encoder(layer)  # [D, F]
+            if matmul_dtype is not None and matmul_dtype != W.dtype:
+                return (x.to(matmul_dtype) @ W.to(matmul_dtype)).to(W.dtype) + self.b_enc[layer]
+            return x @ W + self.b_enc[layer]
+        if self.store is not None:  # one layer's encoder in memory at a time
+            return torch.stack([self.pre_acts(x[:, s], s) for s in range(self.cfg.n_layers)], 1)
         # one batched matmul with the bias fused; the result is layer-major in memory ([L, N, F] transposed),
         # which keeps per-layer work (BatchTopK's cut-off, the sparse listing) free of copies
         return torch.baddbmm(self.b_enc[:, None], x.transpose(0, 1), self.W_enc).transpose(0, 1)
@@ -209,6 +248,12 @@ class Transcoder(nn.Module):
         the JumpReLU entries that carry a threshold gradient). Feature-sharded training sums this over the
         shards before the bias is added once.
         """
+        if self.store is not None:  # source layer by source layer, reading the active rows only
+            out = torch.zeros(*acts.shape[:2], self.cfg.d_model, dtype=self.b_dec.dtype, device=acts.device)
+            for s in range(self.cfg.n_layers):
+                a = acts[:, s] if mask is None else acts[:, s] * mask[:, s]
+                out[:, self.target_layers(s)] += self.decode_source(s, a)
+            return out
         if mask is None:
             mask = acts != 0
         density = mask.float().mean().item() if sparse == "auto" else 0.0  # a pass over [N, L, F]: only if asked
@@ -219,6 +264,7 @@ class Transcoder(nn.Module):
 
     def decode_listed(self, listing: Listing, vals: Tensor) -> Tensor:
         """The listed activations vals [nnz] -> [N, L, D] without b_dec and skip (the tiled sparse decode)."""
+        self._require_eager("the tiled sparse decode (training)")
         return decode_listed(self.W_dec, listing, vals)
 
     def add_bias_and_skip(self, features_out: Tensor, x: Tensor | None) -> Tensor:
@@ -234,11 +280,15 @@ class Transcoder(nn.Module):
         For passes that run layer by layer (evaluation's splice, the replacement model, interventions), where
         layer s's features must be decoded before layer s+1 is encoded. `features` (a [n] index) decodes those
         columns only, densely, keeping a gradient for each even where a is 0 (interventions); otherwise only
-        the nonzero entries are read (`embedding_bag`) when few are.
+        the nonzero entries are read (`embedding_bag`) when few are. Lazy: the rows of the features active in
+        some row of `a` are read and decoded as with `features`.
         """
-        W = self.W_dec[layer]  # [F, n_out, D]
+        if features is None and self.store is not None:
+            features = (a != 0).any(0).nonzero()[:, 0]
         if features is not None:
-            return torch.einsum("nf,fod->nod", a[:, features].to(W.dtype), W[features])
+            W = self.decoder_vectors(layer, features)  # [n, n_out, D]
+            return torch.einsum("nf,fod->nod", a[:, features].to(W.dtype), W)
+        W = self.W_dec[layer]  # [F, n_out, D]
         if should_decode_sparse((a != 0).float().mean().item(), a.device):
             return decode_rows(W, a)
         return (a.to(W.dtype) @ W.reshape(W.shape[0], -1)).view(a.shape[0], *W.shape[1:])
@@ -246,7 +296,8 @@ class Transcoder(nn.Module):
     def feature_writes(self, layer: int, features: Tensor, acts: Tensor) -> Tensor:
         """What listed features write: a_i · W_dec[layer][f_i] for features [n], acts [n] -> [n, n_out, D]
         (target layers layer .. layer+n_out−1). Attribution's source vectors."""
-        return self.W_dec[layer][features] * acts.to(self.W_dec[layer].dtype)[:, None, None]
+        W = self.decoder_vectors(layer, features)  # [n, n_out, D]
+        return W * acts.to(W.dtype)[:, None, None]
 
     def decode_mask(self, acts: Tensor, pre: Tensor | None) -> Tensor:
         """[N, L, F] bool: the entries a sparse decode must list to be exact in value *and* gradient.
@@ -309,12 +360,10 @@ class Transcoder(nn.Module):
         return self.activate(pre, training=True) != 0
 
     # ------------------------------------------------------------------ per-feature views
-    def decoder_vectors(self, layer: int, features: Tensor) -> Tensor:
-        """[n] features of `layer` -> [n, n_out(layer), D]; target layers are layer .. layer+n_out−1."""
-        return self.W_dec[layer][features]
-
     def decoder_norms(self) -> Tensor:
         """[L, F] norm of each feature's decoder, concatenated over all the layers it writes to."""
+        if self.store is not None:  # one layer's decoder in memory at a time
+            return torch.stack([self.store.decoder(s).norm(dim=(1, 2)) for s in range(self.cfg.n_layers)])
         return torch.stack([self.W_dec[s].norm(dim=(1, 2)) for s in range(self.cfg.n_layers)])  # no copy
 
     def target_layers(self, layer: int) -> range:
@@ -324,6 +373,7 @@ class Transcoder(nn.Module):
     @torch.no_grad()
     def fold_normalization(self, x_scale: Tensor, y_scale: Tensor) -> None:
         """Turn a transcoder trained on x/x_scale -> y/y_scale ([L] scalars) into one on raw activations."""
+        self._require_eager("fold_normalization")
         self.W_enc.div_(x_scale[:, None, None])
         for s in range(self.cfg.n_layers):
             n = self.n_out(s)
