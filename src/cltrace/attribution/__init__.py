@@ -2,6 +2,6 @@
 
 from cltrace.attribution.engine import attribute
 from cltrace.attribution.graph import Graph
-from cltrace.attribution.prune import PruneResult, prune, scores
+from cltrace.attribution.prune import PruneResult, keep_pruned, prune, scores
 
-__all__ = ["Graph", "PruneResult", "attribute", "prune", "scores"]
+__all__ = ["Graph", "PruneResult", "attribute", "keep_pruned", "prune", "scores"]

@@ -15,7 +15,7 @@ bytes an edge is what any lossless coder of these values can reach, and bz2 gets
 array's bytes makes a damaged file fail instead of reading wrong numbers.
 
 Error bounds, per edge e of a row whose largest |edge| is m (tested in tests/test_graph_files.py):
-    float32   exact (bit for bit).
+    float32   exact (bit for bit: -0.0, NaN and ±inf included).
     float16   |ê − e| ≤ max(2⁻¹¹·|e|, 2⁻²⁴·m). The row is multiplied by 2⁻ᵏ with 2ᵏ > m ≥ 2ᵏ⁻¹ (exact),
               rounded to float16 (relative 2⁻¹¹ in float16's normal range, absolute 2⁻²⁵·2ᵏ ≤ 2⁻²⁴·m below
               2⁻¹⁴·2ᵏ) and multiplied back (exact). Holds for rows with m ≥ 1e-30; zeros stay 0, signs stay; an
@@ -100,7 +100,7 @@ def encode_edges(edges: Tensor, edge_dtype: str = "float32") -> tuple[dict[str, 
         raise ValueError(f"edge_dtype must be one of {', '.join(EDGE_DTYPES)}, not {edge_dtype!r}")
     E = edges.detach().float().cpu()
     R, N = E.shape
-    r, c = E.nonzero(as_tuple=True)  # row-major order
+    r, c = (E.view(torch.int32) != 0).nonzero(as_tuple=True)  # row-major; by bits, so -0.0 and NaN are kept
     v = E[r, c]  # [nnz]
     counts = torch.bincount(r, minlength=R)  # [R]
     starts = counts.cumsum(0) - counts  # [R] first nonzero of each row
