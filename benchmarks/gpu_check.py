@@ -3,6 +3,9 @@ interventions.
 
     PYTHONPATH=src python3 benchmarks/gpu_check.py --out gpu.json            # GPU machine, a few minutes
     PYTHONPATH=src .venv/bin/python benchmarks/gpu_check.py --small --out /tmp/gpu_small.json   # CPU test run
+    PYTHONPATH=src python3 benchmarks/gpu_check.py --parts bf16 --out bf16.json   # only bf16 vs fp32 attribution
+    PYTHONPATH=src .venv/bin/python benchmarks/gpu_check.py --parts bf16 --device cpu --model gemma-3-270m \
+        --transcoders runs/demo/clt --prompt "Michael Jordan plays the sport of" --out bf16_cpu.json
 
 Correctness on the device is the test suite's: `pytest --device cuda -m "not slow"` runs the core tests (models,
 transcoders, training, replacement, attribution, interventions) with everything on the GPU (tests/conftest.py).
@@ -18,6 +21,9 @@ Parts (a table and JSON, each with its peak memory; CLT of 2048 features per lay
   CLT training end to end, streaming activations from the model
   attribution of a 64-token prompt with the fp32-trained CLT (capped at the most influential features, then
   uncapped when it fits the time left)
+  attribution in bf16 against fp32 on the same prompt, model and random CLT (calibrated to ~k active features a
+  token): the bf16 graph's edges against the fp32 graph's on the nodes both have, relative to the largest edge of
+  the graph and of each row (`--parts bf16` runs only this check)
   interventions on the same prompt with a random CLT calibrated to ~k active features a token: the clean
   run, a constrained run (all layers live, then all held), a free run, first_order's autograd, the whole
   `intervene()` report, and an 8-token steered generation
@@ -272,14 +278,22 @@ class Timings:
     # ------------------------------------------------------------------ model and forward
     def build(self) -> None:
         t = time.perf_counter()
-        self.model = gemma_model(self.dev, self.small)
+        args = self.rep.args
+        if args.model:  # a real model (bf16 check only): its own tokenizer, the given prompt
+            from cltrace.models.registry import load_model
+
+            self.model = load_model(args.model, device=self.dev)
+            self.prompt = args.prompt or self.prompt
+        else:
+            self.model = gemma_model(self.dev, self.small)
         sync(self.dev)
         n_params = sum(p.numel() for p in self.model.hf.parameters())
         self.rep.env["timing_model"] = {"layers": self.model.n_layers, "d_model": self.model.d_model,
                                         "vocab": self.model.vocab_size, "params": n_params,
                                         "features_per_layer": self.F, "k": self.k, "batch_tokens": self.batch,
                                         "prompt_tokens": self.prompt_T}
-        self.row("build the gemma-size model (random weights)", None, seconds=round(time.perf_counter() - t, 2),
+        name = f"load {args.model}" if args.model else "build the gemma-size model (random weights)"
+        self.row(name, None, seconds=round(time.perf_counter() - t, 2),
                  params_m=round(n_params / 1e6, 1))
 
     def forward(self, precision: str) -> None:
@@ -405,6 +419,56 @@ class Timings:
             return
         run(None)
 
+    # ------------------------------------------------------------------ bf16 attribution against fp32
+    def attribution_bf16(self) -> None:
+        """The same graph in bf16 and fp32: model and CLT cast to bf16, the fp32 graph's logit targets, edges
+        compared node by node (bf16 can move a feature across its threshold: such nodes are counted, not compared)."""
+        from cltrace.attribution import attribute
+        from cltrace.attribution.ct_compare import node_keys_ours
+        from cltrace.models.adapter import ModelAdapter
+        from cltrace.replacement import random_transcoder
+
+        m = self.model
+        ids = m.tokenize(self.prompt)
+        T = ids.numel()
+        if self.rep.args.transcoders:
+            from cltrace.transcoders.io import load_transcoder
+
+            tc = load_transcoder(self.rep.args.transcoders, device=self.dev)
+        else:
+            tc = random_transcoder(m, "clt", n_features=self.F, active_per_layer=self.k * (T - 1), ids=ids)
+        cap = None if self.rep.args.model else self.attr_cap  # a real model's short prompt: every feature
+        graphs, secs = {}, {}
+        for precision in ("fp32", "bf16"):
+            mp, tp = m, tc
+            if precision == "bf16":
+                mp = ModelAdapter(copy.deepcopy(m.hf).to(torch.bfloat16), m.tokenizer, m.name + "-bf16")
+                tp = copy.deepcopy(tc).to(dtype=torch.bfloat16)
+            targets = graphs["fp32"].logit_tokens.tolist() if graphs else None
+            sync(self.dev)
+            t = time.perf_counter()
+            graphs[precision] = attribute(mp, tp, ids, targets=targets, max_feature_nodes=cap)
+            sync(self.dev)
+            secs[precision] = round(time.perf_counter() - t, 2)
+        g32, g16 = graphs["fp32"], graphs["bf16"]
+        k32, k16 = node_keys_ours(g32), node_keys_ours(g16)
+        at16 = {k: i for i, k in enumerate(k16)}
+        common = [i for i, k in enumerate(k32) if k in at16]
+        i32, i16 = torch.tensor(common), torch.tensor([at16[k32[i]] for i in common])
+        A32 = g32.adjacency().double()[i32][:, i32]  # [n, n] matched nodes, rows = targets
+        A16 = g16.adjacency().double()[i16][:, i16]
+        diff = (A16 - A32).abs()
+        row_max = A32.abs().amax(1)
+        has = row_max > 0
+        row_rel = diff.amax(1)[has] / row_max[has]  # per target row: max |Δ| / max |edge of the fp32 row|
+        self.row(f"attribution bf16 vs fp32, {T} tokens, " + (f"top {cap} features" if cap else "all features"), None,
+                 seconds_fp32=secs["fp32"], seconds_bf16=secs["bf16"], matched_nodes=len(common),
+                 only_fp32=len(k32) - len(common), only_bf16=len(k16) - len(common),
+                 max_rel_err_graph=float(diff.max() / A32.abs().max()),
+                 max_rel_err_row=float(row_rel.max()), median_rel_err_row=float(row_rel.median()),
+                 logit_prob_max_diff=float((g16.logit_probs - g32.logit_probs).abs().max()),
+                 max_logit_error_bf16=float(g16.meta["max_logit_error"]))
+
     # ------------------------------------------------------------------ interventions
     def interventions(self) -> None:
         from cltrace.interventions import (
@@ -459,11 +523,14 @@ class Timings:
         self.row(f"interventions: steered generation, {n} tokens x 2 (free)", None, seconds=round(s, 2), reps=reps,
                  generated_tok_per_s=round(2 * n / s, 1))
 
-    def run_all(self) -> None:
+    def run_all(self, parts: str = "all") -> None:
         self.part("build model", self.build)
         if self.model is None:
             if "build model" not in self.rep.skipped:
                 self.rep.skipped.append("every timing part: the gemma-size model could not be built")
+            return
+        if parts == "bf16":
+            self.part("attribution bf16 vs fp32", self.attribution_bf16)
             return
         self.part("bare forward fp32", lambda: self.forward("fp32"))
         self.part("bare forward bf16", lambda: self.forward("bf16"))
@@ -471,6 +538,7 @@ class Timings:
         self.part("train step bf16", lambda: self.train_step("bf16"))
         self.part("end to end streaming", self.end_to_end)
         self.part("attribution", self.attribution)
+        self.part("attribution bf16 vs fp32", self.attribution_bf16)
         self.part("interventions", self.interventions)
 
 
@@ -501,7 +569,14 @@ def main() -> int:
     ap.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cuda, cuda:N, cpu")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds after the start past which no timing part starts (default 240; --small 120)")
+    ap.add_argument("--parts", default="all", choices=["all", "bf16"],
+                    help="all timing parts, or only the bf16-vs-fp32 attribution check")
+    ap.add_argument("--model", help="bf16 check on this real model (e.g. gemma-3-270m) instead of random weights")
+    ap.add_argument("--transcoders", help="bf16 check with these transcoders instead of a random CLT")
+    ap.add_argument("--prompt", help="bf16 check on this prompt (with --model)")
     args = ap.parse_args()
+    if (args.model or args.transcoders or args.prompt) and args.parts != "bf16":
+        ap.error("--model/--transcoders/--prompt are for --parts bf16")
     if args.budget is None:
         args.budget = 120.0 if args.small else 240.0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -518,7 +593,7 @@ def main() -> int:
           f"budget {args.budget:.0f} s, out {args.out}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     try:
-        Timings(rep, dev, work, args.small).run_all()
+        Timings(rep, dev, work, args.small).run_all(args.parts)
     finally:
         rep.save()
         shutil.rmtree(work, ignore_errors=True)
