@@ -17,7 +17,9 @@ def add_parser(sub, name: str) -> None:
 
     b = fsub.add_parser("build", help="one pass over a corpus -> FEATURES.db (resumable; labels are kept)",
                         description="Run the model and the transcoders over a corpus once and write the feature "
-                                    "database. Ctrl-C saves the pass so far in OUT.partial/; --resume continues it.")
+                                    "database. Ctrl-C saves the pass so far in OUT.partial/; --resume continues it. "
+                                    "Under torchrun the corpus is split over the processes and rank 0 writes the "
+                                    "same database one process would (docs/distributed.md).")
     b.add_argument("--transcoders", "-t", required=True, help="transcoder folder (written by `cltrace train`, or a "
                                                               "circuit-tracer folder)")
     b.add_argument("--model", "-m", help="the model (default: the name saved with the transcoders)")
@@ -112,22 +114,30 @@ def run_build(args, ctx) -> int:
     from cltrace.errors import CltraceError
     from cltrace.features import build_features
     from cltrace.models.registry import load_model
+    from cltrace.training.distributed import FailureGuard, init_distributed, shutdown
     from cltrace.transcoders.io import load_transcoder
 
-    tc = load_transcoder(args.transcoders, device=ctx.device, dtype=ctx.dtype)
-    name = args.model or tc.cfg.model_name
-    if not name:
-        raise CltraceError(f"{args.transcoders} does not say which model it was trained on: pass --model")
-    model = load_model(name, device=ctx.device, dtype=ctx.dtype)
-    out = build_features(
-        model, tc, corpus=args.corpus, n_tokens=int(args.tokens), context_len=args.context_len,
-        batch_size=args.batch_size, out=args.out, resume=args.resume, top_k=args.top_k, window=tuple(args.window),
-        n_ranges=args.ranges, per_range=args.per_range, checkpoint_every=args.checkpoint_every,
-        progress=not ctx.quiet, split=args.split, coactivation=args.coactivation, coact_tokens=args.coact_tokens,
-        precision=args.precision,
-        log=lambda msg: print(msg, file=sys.stderr, flush=True),  # even with -q: how to resume after Ctrl-C
-    )
-    ctx.log(f"wrote {out}")
+    d = init_distributed(device=ctx.device)  # one process without torchrun
+    try:
+        tc = load_transcoder(args.transcoders, device=d.device, dtype=ctx.dtype)
+        name = args.model or tc.cfg.model_name
+        if not name:
+            raise CltraceError(f"{args.transcoders} does not say which model it was trained on: pass --model")
+        model = load_model(name, device=d.device, dtype=ctx.dtype)
+        with FailureGuard(d):  # a rank that fails stops the others with its message
+            out = build_features(
+                model, tc, corpus=args.corpus, n_tokens=int(args.tokens), context_len=args.context_len,
+                batch_size=args.batch_size, out=args.out, resume=args.resume, top_k=args.top_k,
+                window=tuple(args.window), n_ranges=args.ranges, per_range=args.per_range,
+                checkpoint_every=args.checkpoint_every, progress=not ctx.quiet, split=args.split,
+                coactivation=args.coactivation, coact_tokens=args.coact_tokens, precision=args.precision,
+                log=lambda msg: print(msg, file=sys.stderr, flush=True),  # even with -q: how to resume after Ctrl-C
+                dist=d,
+            )
+    finally:
+        shutdown(d)
+    if d.is_main:
+        ctx.log(f"wrote {out}" + (f" (corpus split over {d.world} processes)" if d.distributed else ""))
     return 0
 
 

@@ -10,8 +10,13 @@ def add_parser(sub, name: str) -> None:
     from cltrace.models.registry import DEFAULT_MODEL
 
     p = sub.add_parser(name, help="build an attribution graph for a prompt",
-                       description="Build the attribution graph of a prompt, prune it, save it and print a summary.")
-    p.add_argument("prompt")
+                       description="Build the attribution graph of a prompt, prune it, save it and print a summary. "
+                                   "With --prompts FILE: one graph per prompt into --out-dir, with index.json; "
+                                   "under torchrun the prompts are split over the processes.")
+    p.add_argument("prompt", nargs="?", help="the prompt (or --prompts FILE)")
+    p.add_argument("--prompts", metavar="FILE", help="one prompt a line (\\n for a line break), or .jsonl/.json: "
+                                                     "trace each into --out-dir (batch mode)")
+    p.add_argument("--out-dir", metavar="DIR", help="with --prompts: where the graphs and index.json go")
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--transcoders", "-t", help="folder written by `cltrace train`, or a circuit-tracer folder")
@@ -20,7 +25,7 @@ def add_parser(sub, name: str) -> None:
                           "on the prompt (for trying the pipeline)")
     p.add_argument("--random-kind", default="clt", choices=["clt", "plt"])
     p.add_argument("--random-active", type=int, default=40, help="active features per layer (random transcoders)")
-    p.add_argument("--out", "-o", required=True, help="graph file to write (.safetensors)")
+    p.add_argument("--out", "-o", help="graph file to write (.safetensors; one prompt)")
     p.add_argument("--max-features", type=int, default=None, help="keep at most N features, the most influential")
     p.add_argument("--node-threshold", type=float, default=0.8)
     p.add_argument("--edge-threshold", type=float, default=0.98)
@@ -49,11 +54,12 @@ def add_parser(sub, name: str) -> None:
 
 
 def run(args, ctx) -> int:
-    from cltrace.attribution import attribute
-    from cltrace.attribution.prune import prune, scores
     from cltrace.errors import CltraceError
-    from cltrace.models.registry import load_model
 
+    if (args.prompt is None) == (args.prompts is None):
+        raise CltraceError("give one PROMPT, or --prompts FILE with --out-dir DIR")
+    if args.prompts is None and not args.out:
+        raise CltraceError("--out FILE is needed: the graph file to write")
     if args.export_json and not args.slug:
         raise CltraceError("--export-json needs --slug NAME (the graph's name in the viewer)")
     if args.features and not args.transcoders:
@@ -61,9 +67,44 @@ def run(args, ctx) -> int:
     for name in ("node_threshold", "edge_threshold"):
         if not 0 < getattr(args, name) <= 1:
             raise CltraceError(f"--{name.replace('_', '-')} must be in (0, 1]")
+    if args.prompts is not None:
+        return run_batch(args, ctx)
     t0 = time.perf_counter()
+    model, tc, db = load_inputs(args, ctx, args.prompt)
+    try:
+        summary, graph, pr = trace_prompt(args, ctx, model, tc, db, args.prompt, args.out, time.perf_counter() - t0)
+    finally:
+        if db is not None:
+            db.close()
+    if args.json:
+        print(json.dumps(summary, ensure_ascii=False))
+        return 0
+    path, seconds, n_edges = summary["out"], summary["seconds"], summary["n_edges"]
+    (rep_u, rep_p), (comp_u, comp_p) = summary["replacement_score"].values(), summary["completeness_score"].values()
+    print(f"prompt: {args.prompt!r} ({len(graph.tokens)} tokens)")
+    print(f"nodes: {graph.n_nodes} ({graph.n_features} features of {graph.meta['n_active_features']} active), "
+          f"edges: {n_edges}")
+    print(f"pruned: {summary['n_nodes_pruned']} nodes, {summary['n_edges_pruned']} edges")
+    print(f"replacement score: {rep_u:.3f} unpruned, {rep_p:.3f} pruned")
+    print(f"completeness score: {comp_u:.3f} unpruned, {comp_p:.3f} pruned")
+    print(f"max |logit error| of the replacement model: {graph.meta['max_logit_error']:.2e}")
+    if db is not None:
+        print(f"labels: {summary['n_labelled_features']} features labelled from {args.features}")
+    print("top logits:")
+    for row in summary["logits"]:
+        print(f"  {row['prob']:.4f}  {row['token']!r}")
+    print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
+    print(f"saved {path} ({summary['file_bytes'] / 1e6:.2f} MB)" + (f" and {args.png}" if args.png else ""))
+    return 0
+
+
+def load_inputs(args, ctx, prompt: str):
+    """(model, transcoders, feature database or None) as the options say; random transcoders are calibrated
+    on `prompt`."""
+    from cltrace.models.registry import load_model
+
     model = load_model(args.model, device=ctx.device, dtype=ctx.dtype)
-    ids = model.tokenize(args.prompt)
+    ids = model.tokenize(prompt)
     if args.transcoders:
         from cltrace.transcoders.io import check_fits, load_transcoder
 
@@ -84,7 +125,16 @@ def run(args, ctx) -> int:
         except BaseException:
             db.close()
             raise
-    load_s = time.perf_counter() - t0
+    return model, tc, db
+
+
+def trace_prompt(args, ctx, model, tc, db, prompt: str, out, load_s: float):
+    """Attribute, prune, score and save one prompt's graph at `out` (and the viewer JSON, PNG if asked):
+    (summary dict, graph, pruning)."""
+    from cltrace.attribution import attribute
+    from cltrace.attribution.prune import prune, scores
+
+    ids = model.tokenize(prompt)
     targets = (args.target or []) + [tuple(c) for c in (args.contrast or [])]
     graph = attribute(model, tc, ids, targets=targets or None, max_feature_nodes=args.max_features,
                       batch_size=args.batch_size, log=None if args.json else ctx.log)
@@ -93,9 +143,8 @@ def run(args, ctx) -> int:
     if db is not None:
         from cltrace.features.export import feature_labels
 
-        with db:
-            graph.meta["feature_labels"] = feature_labels(db, graph.features[:, [0, 2]].tolist())
-            graph.meta["features_db"] = {"path": str(args.features), "transcoder_sha256": db.meta["transcoder_sha256"]}
+        graph.meta["feature_labels"] = feature_labels(db, graph.features[:, [0, 2]].tolist())
+        graph.meta["features_db"] = {"path": str(args.features), "transcoder_sha256": db.meta["transcoder_sha256"]}
     rep_u, comp_u = scores(graph)
     rep_p, comp_p = scores(graph, pr)
     prune_s = time.perf_counter() - t1
@@ -108,7 +157,7 @@ def run(args, ctx) -> int:
         from cltrace.attribution.prune import keep_pruned
 
         graph = keep_pruned(graph, args.node_threshold, args.edge_threshold, pr)
-    path = graph.save(args.out, edge_dtype=args.edge_dtype, compress=args.compress)
+    path = graph.save(out, edge_dtype=args.edge_dtype, compress=args.compress)
     if args.export_json:
         from cltrace.attribution.export import export_graph_files
 
@@ -122,7 +171,7 @@ def run(args, ctx) -> int:
     seconds = {"load": load_s, **graph.meta["seconds"], "prune_and_scores": prune_s, "save": save_s}
     n_edges = graph.kept_pruning.n_edges_full if graph.kept_pruning else int((graph.edges != 0).sum())
     summary = {
-        "prompt": args.prompt, "tokens": graph.tokens, "out": str(path),
+        "prompt": prompt, "tokens": graph.tokens, "out": str(path),
         "n_nodes": graph.n_nodes, "n_edges": n_edges, "n_active_features": graph.meta["n_active_features"],
         "n_features": graph.n_features, "n_nodes_pruned": int(pr.node_mask.sum()),
         "n_edges_pruned": int(pr.edge_mask.sum()),
@@ -134,21 +183,55 @@ def run(args, ctx) -> int:
         "file_bytes": path.stat().st_size,
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
     }
-    if args.json:
-        print(json.dumps(summary, ensure_ascii=False))
-        return 0
-    print(f"prompt: {args.prompt!r} ({len(graph.tokens)} tokens)")
-    print(f"nodes: {graph.n_nodes} ({graph.n_features} features of {graph.meta['n_active_features']} active), "
-          f"edges: {n_edges}")
-    print(f"pruned: {summary['n_nodes_pruned']} nodes, {summary['n_edges_pruned']} edges")
-    print(f"replacement score: {rep_u:.3f} unpruned, {rep_p:.3f} pruned")
-    print(f"completeness score: {comp_u:.3f} unpruned, {comp_p:.3f} pruned")
-    print(f"max |logit error| of the replacement model: {graph.meta['max_logit_error']:.2e}")
-    if db is not None:
-        print(f"labels: {summary['n_labelled_features']} features labelled from {args.features}")
-    print("top logits:")
-    for row in summary["logits"]:
-        print(f"  {row['prob']:.4f}  {row['token']!r}")
-    print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
-    print(f"saved {path} ({summary['file_bytes'] / 1e6:.2f} MB)" + (f" and {args.png}" if args.png else ""))
+    return summary, graph, pr
+
+
+def run_batch(args, ctx) -> int:
+    """--prompts FILE: prompt i's graph into --out-dir/NNNNN.safetensors, and index.json (the summaries, in
+    prompt order). Under torchrun prompt i goes to rank i mod W and rank 0 writes the index; each graph is
+    the one a single process writes."""
+    from pathlib import Path
+
+    from cltrace.errors import CltraceError
+    from cltrace.features.distributed import owns
+    from cltrace.training.distributed import FailureGuard, init_distributed, shutdown
+    from cltrace.validation.prompts import read_prompt_file
+
+    if not args.out_dir or args.out or args.export_json or args.png:
+        raise CltraceError("--prompts writes one graph per prompt into --out-dir DIR (--out, --export-json and "
+                           "--png are for one PROMPT)")
+    prompts = read_prompt_file(args.prompts)
+    if not prompts:
+        raise CltraceError(f"{args.prompts} holds no prompt: write one prompt a line")
+    out_dir = Path(args.out_dir)
+    d = init_distributed(device=ctx.device)  # one process without torchrun
+    ctx.device = d.device
+    try:
+        with FailureGuard(d):  # a rank that fails stops the others with its message
+            t0 = time.perf_counter()
+            model, tc, db = load_inputs(args, ctx, prompts[0])
+            load_s = time.perf_counter() - t0
+            out_dir.mkdir(parents=True, exist_ok=True)
+            mine = []
+            try:
+                for i, prompt in enumerate(prompts):
+                    if owns(d, i):
+                        name = f"{i:05d}.safetensors"
+                        summary, _, _ = trace_prompt(args, ctx, model, tc, db, prompt, out_dir / name, load_s)
+                        del summary["out"]
+                        mine.append({"index": i, "file": name, **summary})
+                        ctx.log(f"[{i + 1}/{len(prompts)}] {name}: {summary['n_nodes']} nodes, {prompt!r}")
+            finally:
+                if db is not None:
+                    db.close()
+            graphs = sorted((e for part in d.gather_objects_over_data(mine) for e in part), key=lambda e: e["index"])
+    finally:
+        shutdown(d)
+    if d.is_main:
+        index = {"prompts": str(args.prompts), "model": args.model, "graphs": graphs}
+        (out_dir / "index.json").write_text(json.dumps(index, ensure_ascii=False, indent=1))
+        if args.json:
+            print(json.dumps(index, ensure_ascii=False))
+        else:
+            print(f"saved {len(graphs)} graphs and index.json in {out_dir}")
     return 0

@@ -15,7 +15,8 @@ def add_parser(sub, name: str) -> None:
                        description="Trace every prompt of a set and report the paper's measures of the graphs: "
                                    "scores, pruning curves, faithfulness under perturbation, error compounding, "
                                    "next-token agreement and path length (JSON, PNG plots and a markdown report "
-                                   "in --out). Resumable: a rerun computes only prompts without a result.")
+                                   "in --out). Resumable: a rerun computes only prompts without a result. Under "
+                                   "torchrun the prompts are split over the processes; rank 0 writes the report.")
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
     p.add_argument("--transcoders", "-t", required=True, help="folder written by `cltrace train`, or circuit-tracer's")
     p.add_argument("--compare", metavar="TRANSCODERS", help="a second transcoder set, run on the same prompts")
@@ -41,15 +42,24 @@ def add_parser(sub, name: str) -> None:
 
 def run(args, ctx) -> int:
     from cltrace.models.registry import load_model
+    from cltrace.training.distributed import FailureGuard, init_distributed, shutdown
     from cltrace.validation import Settings, validate
 
     settings = Settings(max_features=args.max_features or None, sources=args.sources, targets=args.targets,
                         node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, seed=args.seed,
                         batch_size=args.batch_size)
-    model = load_model(args.model, device=ctx.device, dtype=ctx.dtype)
-    res = validate(model, args.transcoders, args.prompts, out=args.out, compare=args.compare, n=args.n,
-                   corpus=args.corpus, context_len=args.context_len, settings=settings, progress=not ctx.quiet,
-                   command="cltrace " + " ".join(shlex.quote(a) for a in sys.argv[1:]), log=ctx.log)
+    d = init_distributed(device=ctx.device)  # one process without torchrun
+    try:
+        model = load_model(args.model, device=d.device, dtype=ctx.dtype)
+        with FailureGuard(d):  # a rank that fails stops the others with its message
+            res = validate(model, args.transcoders, args.prompts, out=args.out, compare=args.compare, n=args.n,
+                           corpus=args.corpus, context_len=args.context_len, settings=settings,
+                           progress=not ctx.quiet, log=ctx.log if d.is_main else None, dist=d,
+                           command="cltrace " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    finally:
+        shutdown(d)
+    if not d.is_main:
+        return 0
     for label, s in res["summaries"].items():
         sc, f = s["scores"], s["faithfulness"]["spearman"]
         print(f"{label}: {s['n_prompts']} prompts; replacement {sc['replacement']['mean']:.3f} "

@@ -9,6 +9,11 @@ same batches, so the database it ends with equals the one an uninterrupted build
 timestamp). Settings that change the result must match the interrupted build's; `n_tokens` may grow.
 Ctrl-C stops after the batch in flight, saves, and says how to resume; a second Ctrl-C stops at once (the
 last checkpoint remains).
+
+Under torchrun (a process group initialised, `features.distributed`): batch b goes to rank b mod W, each rank
+keeps the statistics of its share, and at every checkpoint and at the end they are merged into rank 0, which
+alone writes OUT.partial/ and the database: the same file one process writes (see features.stats, `merge`).
+A checkpoint holds the merged statistics, so a build resumes with any number of processes.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from cltrace.data.tokens import ContextStream, Position, special_tokens
 from cltrace.errors import CltraceError, SettingError
 from cltrace.features.db import existing_labels, save_database, transcoder_fingerprint
+from cltrace.features.distributed import current_dist, owns, reduce_stats
 from cltrace.features.effects import Effects, input_effects, output_effects
 from cltrace.features.stats import PRECISIONS, FeatureStats
 from cltrace.transcoders.io import check_fits
@@ -57,7 +63,7 @@ def build_features(
     n_ranges: int = 8, per_range: int = 4, checkpoint_every: int = 200, progress: bool = True,
     split: str = "all", seed: int = 0, hist_range: tuple[float, float] = (1e-3, 1e3), hist_bins: int = 48,
     output_write: str = "last", coactivation: int = 0, coact_tokens: int = 0, precision: str = "float32",
-    log: Callable[[str], None] | None = None, on_batch: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None, on_batch: Callable[[int], None] | None = None, dist=None,
 ) -> Path:
     """Build the feature database of transcoder `tc` on `model` at `out` (see the module docstring).
 
@@ -72,8 +78,11 @@ def build_features(
     layers (`features.stats.CoactStats`); coact_tokens: n > 0 measures them on n random tokens per batch.
     on_batch(batches_done): called after each batch (progress for a caller; raising KeyboardInterrupt there
     stops the build like Ctrl-C does).
+    dist: a `training.distributed.Dist` (default: the initialised process group, else one process). On many
+    processes every rank calls build_features with the same arguments; rank 0 writes the database.
     """
-    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    d = dist if dist is not None else current_dist()
+    say = (log or (lambda msg: print(msg, file=sys.stderr, flush=True))) if d.is_main else (lambda msg: None)
     _check_settings(n_tokens=n_tokens, context_len=context_len, batch_size=batch_size, top_k=top_k,
                     window=window, n_ranges=n_ranges, per_range=per_range, checkpoint_every=checkpoint_every,
                     hist_range=hist_range, hist_bins=hist_bins, output_write=output_write,
@@ -100,54 +109,70 @@ def build_features(
                          precision=precision)
     part = partial_dir(out)
     position = Position()
-    if resume:
+    if resume and d.is_main:
         position = _load_checkpoint(part, stats, settings)
         say(f"resuming {out} after {stats.n_contexts} contexts ({stats.tokens} tokens)")
-    elif part.exists():
+    elif part.exists() and d.is_main:
         say(f"starting over: removing the unfinished build in {part}")
         shutil.rmtree(part)
+    position, seen = d.broadcast_object((position, stats.n_contexts))  # seen: contexts of every rank so far
+
+    def checkpoint() -> None:
+        """Merge every rank's share into rank 0, which saves; the other ranks start their share afresh."""
+        nonlocal stats
+        merged = reduce_stats(stats, d)
+        if merged is None:
+            stats = stats.empty_like()
+        else:
+            _save_checkpoint(part, merged, settings, position)
 
     n_contexts = math.ceil(n_tokens / context_len)
     stream = ContextStream(corpus, model.tokenizer, context_len, split=split, loop=False, start=position)
-    bar = _progress_bar(progress, n_contexts * context_len, stats.n_contexts * context_len)
+    bar = _progress_bar(progress and d.is_main, n_contexts * context_len, seen * context_len)
     batches = 0
     stop = _StopOnInterrupt(say)
     try:
         with stop:
-            while stats.n_contexts < n_contexts:
-                ctxs = stream.take(min(batch_size, n_contexts - stats.n_contexts))
+            while seen < n_contexts:
+                ctxs = stream.take(min(batch_size, n_contexts - seen))
                 if not ctxs:
-                    if stats.n_contexts < n_contexts:
-                        say(f"the corpus ended after {stats.n_contexts} contexts of {context_len} tokens")
+                    say(f"the corpus ended after {seen} contexts of {context_len} tokens")
                     break
-                stats.add_batch(model, tc, torch.tensor(ctxs, dtype=torch.long))
+                if owns(d, seen // batch_size):  # the batch's index in the corpus order (batches are whole)
+                    stats.add_batch(model, tc, torch.tensor(ctxs, dtype=torch.long), ctx0=seen)
+                seen += len(ctxs)
                 position = stream.position
                 batches += 1
                 if bar is not None:
                     bar.update(len(ctxs) * context_len)
                 if on_batch is not None:
-                    on_batch(batches)
-                if stop.requested:
+                    try:
+                        on_batch(batches)
+                    except KeyboardInterrupt:
+                        stop.requested = True
+                if d.any(stop.requested):  # every rank stops after the same batch
                     raise KeyboardInterrupt
                 if checkpoint_every and batches % checkpoint_every == 0:
-                    _save_checkpoint(part, stats, settings, position)
+                    checkpoint()
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()  # before the messages, so they do not land inside the bar's line
         if stop.mid_batch:  # a second Ctrl-C inside a batch: the state may be half updated, keep the last save
             say(f"stopped; the last checkpoint is in {part}: resume with resume=True (`--resume`)")
             raise
-        _save_checkpoint(part, stats, settings, position)
-        say(f"interrupted after {stats.n_contexts} contexts ({stats.tokens} tokens); saved in {part}: run the "
-            "same build again with resume=True (`cltrace features build ... --resume`) to continue")
+        checkpoint()
+        say(f"interrupted after {seen} contexts; saved in {part}: run the same build again with resume=True "
+            "(`cltrace features build ... --resume`) to continue")
         raise
     finally:
         if bar is not None:
             bar.close()
-    if stats.n_contexts == 0:
+    if seen == 0:
         raise CltraceError(f"corpus {corpus_name(corpus)} ({split} split) has no context of {context_len} tokens: "
                            "use a larger corpus or a shorter context_len")
-    _save_checkpoint(part, stats, settings, position)  # the pass is never lost to a failure below
+    checkpoint()  # the pass is never lost to a failure below
+    if not d.is_main:
+        return out
     effects = compute_effects(model, tc, stats.mean_final_scale(), write=output_write, progress=progress)
     summary = stats.summary(n_ranges, per_range)
     meta = {

@@ -14,8 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from cltrace.errors import CltraceError
+from cltrace.features.distributed import current_dist
 from cltrace.models.adapter import ModelAdapter
 from cltrace.models.registry import load_model
+from cltrace.training.distributed import Dist
 from cltrace.transcoders.io import check_fits, load_transcoder
 from cltrace.transcoders.transcoder import Transcoder
 from cltrace.validation.plots import plot_all
@@ -81,33 +83,46 @@ def compact(result: dict) -> dict:
     return out
 
 
-def run_set(model: ModelAdapter, tc: Transcoder, prompts: list[Prompt], store: ResultStore, settings: Settings,
-            label: str, progress: bool, stop_after: int | None = None) -> tuple[list[dict], int]:
-    """Results of every prompt (stored ones read back, others computed and stored): (results, n computed).
+def run_set(model: ModelAdapter, tc: Transcoder, prompts: list[Prompt], store: ResultStore | None,
+            settings: Settings, label: str, progress: bool, stop_after: int | None = None,
+            d: Dist | None = None) -> tuple[list[dict], int]:
+    """Results of every prompt, in prompt order (stored ones read back, others computed and stored):
+    (results, n computed); on ranks other than 0 ([], n computed by this rank).
 
+    On many processes (d): rank 0 reads the stored results (only it has `store`), the missing prompts go
+    round robin to the ranks, W at a time, and each round's results are gathered to rank 0, which stores
+    them; every prompt's result is independent of where it ran (its sampling is seeded by the prompt).
     stop_after: compute at most this many prompts, then stop (how the tests interrupt a run).
     """
-    results, computed = [], 0
-    bar = tqdm(prompts, desc=f"validate {label}", unit="prompt", disable=not progress, dynamic_ncols=True)
-    for p in bar:
-        res = store.load(p)
-        if res is None:
-            if stop_after is not None and computed >= stop_after:
-                break
-            res = measure_prompt(model, tc, p, settings)
-            store.save(p, res)
-            computed += 1
-        results.append(compact(res))
-        done = [r["completeness_pruned"] for r in results if r.get("completeness_pruned") is not None]
-        bar.set_postfix(completeness=f"{sum(done) / max(1, len(done)):.3f}", refresh=False)
-    return results, computed
+    d = d or Dist()
+    stored = [store.load(p) for p in prompts] if d.is_main else []
+    stored = [compact(r) if r is not None else None for r in stored]  # what the summary needs, kept small
+    todo = d.broadcast_object([i for i, r in enumerate(stored) if r is None])  # rank 0's list
+    todo = todo[:stop_after] if stop_after is not None else todo
+    computed = 0
+    bar = tqdm(total=len(todo), desc=f"validate {label}", unit="prompt", disable=not (progress and d.is_main),
+               dynamic_ncols=True)
+    for start in range(0, len(todo), d.world):
+        mine = todo[start + d.rank] if start + d.rank < len(todo) else None
+        res = measure_prompt(model, tc, prompts[mine], settings) if mine is not None else None
+        computed += mine is not None
+        for i, r in d.gather_objects_over_data((mine, res)):
+            if d.is_main and i is not None:
+                store.save(prompts[i], r)
+                stored[i] = compact(r)
+                bar.update(1)
+        if d.is_main:
+            done = [r["completeness_pruned"] for r in stored if r and r.get("completeness_pruned") is not None]
+            bar.set_postfix(completeness=f"{sum(done) / max(1, len(done)):.3f}", refresh=False)
+    bar.close()
+    return [r for r in stored if r is not None], computed
 
 
 def validate(model: ModelAdapter | str, transcoders: TranscoderLike, prompts: str | Path | list[str] | None = None, *,
              out: str | Path, compare: TranscoderLike | None = None, n: int | None = None, corpus: str | None = None,
              context_len: int = 16, settings: Settings | None = None, progress: bool = True,
              command: str | None = None, log: Callable[[str], None] | None = None,
-             stop_after: int | None = None) -> dict:
+             stop_after: int | None = None, dist: Dist | None = None) -> dict:
     """Validate the attribution graphs of `transcoders` (and of `compare`) on a prompt set; write `out`.
 
     prompts: a list of texts or a prompt file; else `n` held-out contexts of `corpus` (context_len tokens);
@@ -116,7 +131,11 @@ def validate(model: ModelAdapter | str, transcoders: TranscoderLike, prompts: st
     out/validation.json the summaries, out/report.md the report, out/*.png the plots.
     stop_after: compute at most this many new prompts per set, then return without a summary (an interrupted
     run, for tests). Returns {"summaries", "computed" (new results per set), "out", "files", "complete"}.
+    dist: a `training.distributed.Dist` (default: the initialised process group, else one process). Under
+    torchrun every rank calls validate with the same arguments, the prompts are split over the ranks and rank
+    0 writes everything (the same results and report as one process); other ranks return empty summaries.
     """
+    d = dist if dist is not None else current_dist()
     settings = settings or Settings()
     check_settings(settings)
     out = Path(out)
@@ -132,11 +151,13 @@ def validate(model: ModelAdapter | str, transcoders: TranscoderLike, prompts: st
         tc, where[label] = _open(spec, model)  # one set in memory at a time
         identity = {"model": model.name, "transcoder": fingerprint(tc), "kind": tc.cfg.kind,
                     "settings": settings.to_dict()}
-        store = ResultStore(out / label, identity)
-        results, computed[label] = run_set(model, tc, plist, store, settings, label, progress, stop_after)
+        store = ResultStore(out / label, identity) if d.is_main else None
+        results, computed[label] = run_set(model, tc, plist, store, settings, label, progress, stop_after, d)
         del tc
-        if len(results) < len(plist):  # interrupted on purpose (stop_after)
+        if not d.broadcast_object(len(results) == len(plist)):  # interrupted on purpose (stop_after)
             return {"summaries": {}, "computed": computed, "out": str(out), "files": [], "complete": False}
+        if not d.is_main:
+            continue
         summaries[label] = summarize(results)
         runs[label] = (summaries[label], results)
         if log:
@@ -144,6 +165,8 @@ def validate(model: ModelAdapter | str, transcoders: TranscoderLike, prompts: st
             log(f"{label}: {len(results)} prompts ({computed[label]} computed), completeness "
                 f"{s['completeness']['mean']:.3f} ({s['completeness_pruned']['mean']:.3f} pruned), replacement "
                 f"{s['replacement']['mean']:.3f}")
+    if not d.is_main:
+        return {"summaries": {}, "computed": computed, "out": str(out), "files": [], "complete": True}
     source = (f"{len(plist)} held-out contexts of {context_len} tokens from corpus {corpus}" if corpus else
               f"file {prompts}" if isinstance(prompts, (str, Path)) else
               "the built-in set" if prompts is None else "a list")
