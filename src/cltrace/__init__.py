@@ -20,7 +20,7 @@ node lookups and JSON; the command line writes the same feature as LAYER:FEATURE
 Importing cltrace changes no process-wide state (environment, malloc, warning filters).
 """
 
-from cltrace.attribution import Graph, PruneResult, attribute, prune, scores
+from cltrace.attribution import Graph, PruneResult, attribute, head_loadings, prune, qk_attribution, scores
 from cltrace.errors import CltraceError, SettingError
 from cltrace.features import FeatureDB, build_features, global_weights
 from cltrace.interventions import (
@@ -43,6 +43,6 @@ __all__ = [
     "DEFAULT_MODEL", "CltraceError", "FeatureDB", "FeatureRef", "GenerationResult", "Graph", "Intervention",
     "InterventionResult", "LocalReplacement", "ModelAdapter", "PruneResult", "SettingError", "TrainConfig",
     "Transcoder", "TranscoderConfig", "attribute", "build_features", "build_replacement", "evaluate", "global_weights",
-    "intervene", "intervene_generate", "list_models", "load_model", "load_transcoder", "prune", "save_transcoder",
-    "scores", "train", "validate",
+    "head_loadings", "intervene", "intervene_generate", "list_models", "load_model", "load_transcoder", "prune",
+    "qk_attribution", "save_transcoder", "scores", "train", "validate",
 ]

@@ -2,6 +2,9 @@
 
 from cltrace.attribution.engine import attribute
 from cltrace.attribution.graph import Graph
+from cltrace.attribution.heads import EdgeLoading, explain_edges, head_loadings
 from cltrace.attribution.prune import PruneResult, keep_pruned, prune, scores
+from cltrace.attribution.qk import HeadQuery, QKResult, qk_attribution
 
-__all__ = ["Graph", "PruneResult", "attribute", "keep_pruned", "prune", "scores"]
+__all__ = ["EdgeLoading", "Graph", "HeadQuery", "PruneResult", "QKResult", "attribute", "explain_edges",
+           "head_loadings", "keep_pruned", "prune", "qk_attribution", "scores"]

@@ -24,12 +24,14 @@ head read the information from: the (head, p_t, j) whose QK attribution explains
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from cltrace.attribution.export import node_ids
 from cltrace.attribution.graph import Graph
-from cltrace.attribution.qk import skip_write
+from cltrace.attribution.qk import HeadQuery, qk_attributions, skip_write
 from cltrace.errors import CltraceError
 from cltrace.models.adapter import Frozen
 from cltrace.replacement.forward import frozen_forward
@@ -251,3 +253,51 @@ def cross_position_edges(graph: Graph, top: int = 20, mask: Tensor | None = None
     flat = w.flatten()
     idx = flat.topk(min(top, int((flat > 0).sum()))).indices.tolist()
     return [divmod(i, graph.n_nodes) for i in idx]
+
+
+# ---------------------------------------------------------------------- edges explained end to end
+def explain_edges(rep: LocalReplacement, graph: Graph, edges: list[tuple[int, int]], *, heads_per_edge: int = 1,
+                  top_terms: int = 10) -> dict:
+    """Head loadings of each edge, and the QK attribution of the head(s) that carry most of it, at the edge's
+    target position and the key position that head read from. JSON-ready (the side file `GRAPH.qk.json`)."""
+    ids = node_ids(graph)
+    loads = head_loadings(rep, graph, edges)
+    asks: list[HeadQuery] = []
+    per_edge = []
+    for e in loads:
+        pos = _target_seed_pos(graph, e.row)
+        heads = [(m, h, j, part) for m, h, j, part in e.top_heads(heads_per_edge) if part != 0]
+        per_edge.append(heads)
+        asks += [HeadQuery(m, h, pos, j) for m, h, j, _ in heads]
+    results = {}
+    unique = list(dict.fromkeys(asks))
+    for hq, res in zip(unique, qk_attributions(rep, unique)):
+        results[hq] = res.report(rep, top_terms)
+    out = []
+    for e, heads in zip(loads, per_edge):
+        pos = _target_seed_pos(graph, e.row)
+        out.append({
+            "target": ids[int(graph.rows[e.row])], "source": ids[e.col],
+            "edge": e.graph_edge, "direct": e.direct, "sum_loadings": float(e.loadings.sum()),
+            "heads": [{"layer": m, "head": h, "key_pos": j, "part": part,
+                       "qk": results[HeadQuery(m, h, pos, j)]} for m, h, j, part in heads],
+            "by_head": {f"{m}.{h}": float(v) for (m, h), v in _nonzero_heads(e.by_head())},
+        })
+    return {"format": "cltrace-qk", "version": 1, "prompt": graph.prompt, "tokens": graph.tokens, "edges": out}
+
+
+def _target_seed_pos(graph: Graph, row: int) -> int:
+    node = int(graph.rows[row])
+    return int(graph.features[node, 1]) if node < graph.n_features else graph.n_pos - 1
+
+
+def _nonzero_heads(per: Tensor, k: int = 8) -> list[tuple[tuple[int, int], float]]:
+    """The k (layer, head) with the largest |part|, largest first."""
+    idx = per.flatten().abs().topk(min(k, per.numel())).indices.tolist()
+    return [(divmod(i, per.shape[1]), float(per.flatten()[i])) for i in idx if per.flatten()[i] != 0]
+
+
+def qk_side_path(graph_path) -> Path:
+    """Where QK results of a graph file live: next to it, GRAPH.qk.json (the graph format is unchanged)."""
+    p = Path(graph_path)
+    return p.with_name(p.name.removesuffix(".safetensors") + ".qk.json")

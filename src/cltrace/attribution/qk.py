@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from cltrace.errors import CltraceError
 from cltrace.models.adapter import Frozen, _apply_rope
 from cltrace.replacement.forward import frozen_forward, frozen_prefix
-from cltrace.replacement.local import LocalReplacement
+from cltrace.replacement.local import LocalReplacement, build_replacement
 
 KINDS = ("feature", "error", "token", "constant")
 
@@ -415,8 +416,6 @@ def qk_attributions(rep: LocalReplacement, queries: list[HeadQuery]) -> list[QKR
     for hq in queries:
         if not (0 <= hq.layer < rep.tc.n_layers and 0 <= hq.head < rep.model.n_heads
                 and 0 <= hq.key_pos <= hq.query_pos < T):
-            from cltrace.errors import CltraceError
-
             raise CltraceError(f"no head score at {hq}: need layer < {rep.tc.n_layers}, head < "
                                f"{rep.model.n_heads}, 0 <= key_pos <= query_pos < {T}")
     maps: dict[int, HeadMaps] = {}
@@ -456,3 +455,12 @@ def qk_attributions(rep: LocalReplacement, queries: list[HeadQuery]) -> list[QKR
                             model_score(rep, hq.layer, hq.head, hq.query_pos, hq.key_pos), pattern,
                             hm.softcap, q, k, comp))
     return out
+
+
+def qk_attribution(model, tc, prompt, heads: list, *, rep: LocalReplacement | None = None) -> list[QKResult]:
+    """QK attributions on `prompt` (text or ids [T]) for heads given as HeadQuery or (layer, head, query_pos,
+    key_pos) tuples; `rep` reuses a local replacement model already built on that prompt."""
+    if rep is None:
+        ids = model.tokenize(prompt) if isinstance(prompt, str) else prompt.to(model.device)
+        rep = build_replacement(model, tc, ids)
+    return qk_attributions(rep, [h if isinstance(h, HeadQuery) else HeadQuery(*h) for h in heads])

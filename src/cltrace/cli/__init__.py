@@ -30,6 +30,7 @@ SUBCOMMANDS = {
     "merge-shards": "merge_shards",
     "serve": "serve",
     "validate": "validate",
+    "qk": "qk",
 }
 
 

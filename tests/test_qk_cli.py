@@ -1,0 +1,63 @@
+"""`cltrace qk` end to end on a tiny model folder and saved transcoders."""
+
+import json
+
+import pytest
+
+from cltrace.attribution import Graph
+from cltrace.cli import main
+from cltrace.models.registry import load_model
+from cltrace.models.tiny import save_tiny
+from cltrace.replacement import random_transcoder
+from cltrace.transcoders import save_transcoder
+
+PROMPT = "Fact: Michael Jordan"
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qk")
+    folder = str(save_tiny("gemma3", root / "tiny"))
+    model = load_model(folder)
+    save_transcoder(random_transcoder(model, "clt", 64, 10, ids=model.tokenize(PROMPT)), root / "tc")
+    graph = root / "g.safetensors"
+    assert main(["-q", "trace", PROMPT, "-m", folder, "-t", str(root / "tc"), "--out", str(graph)]) == 0
+    return folder, str(root / "tc"), graph
+
+
+def test_qk_node(traced, capsys):
+    folder, tc, graph = traced
+    g = Graph.load(graph)
+    node = int(g.rows[-1])  # a logit row: its inputs come from every position
+    assert node >= g.n_features
+    rc = main(["qk", str(graph), "--node", "logit:0", "-m", folder, "-t", tc, "--json", "--edges", "3",
+               "--heads", "top", "1.2"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 1 <= len(out["edges"]) <= 3
+    for e in out["edges"]:
+        assert abs(e["direct"] + e["sum_loadings"] - e["edge"]) <= 1e-5 * max(1.0, abs(e["edge"]))
+        assert e["direct"] == 0.0
+        for h in e["heads"]:
+            qk = h["qk"]
+            assert abs(qk["score_terms"] - qk["score"]) <= 1e-4 * max(1.0, abs(qk["score"]))
+            assert abs(sum(qk["by_kind"].values()) - qk["score"]) <= 1e-4 * max(1.0, abs(qk["score"]))
+            assert qk["top_pairs"] and qk["top_query"] and qk["top_key"]
+    (extra,) = out["heads"]
+    assert (extra["layer"], extra["head"], extra["query_pos"]) == (1, 2, g.n_pos - 1)
+    # text output names the carrying head and the score
+    assert main(["qk", str(graph), "--node", "logit", "-m", folder, "-t", tc, "--edges", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "carried by" in text and "pre-softmax" in text
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--node", "0:99999@3"], "not a feature node"),
+    (["--node", "banana"], "cannot read node"),
+    (["--node", "logit", "--heads", "x"], "LAYER.HEAD"),
+])
+def test_qk_errors(traced, capsys, argv, msg):
+    folder, tc, graph = traced
+    assert main(["qk", str(graph), *argv, "-m", folder, "-t", tc]) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1
