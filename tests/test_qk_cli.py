@@ -61,3 +61,26 @@ def test_qk_errors(traced, capsys, argv, msg):
     assert main(["qk", str(graph), *argv, "-m", folder, "-t", tc]) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1
+
+
+def test_side_file_and_viewer_route(traced, capsys):
+    """`cltrace qk` merges into GRAPH.qk.json; the viewer's route serves a node's entries, escaped as JSON."""
+    from starlette.testclient import TestClient
+
+    from cltrace.attribution.heads import qk_side_path
+    from cltrace.viewer import make_app
+
+    folder, tc, graph = traced
+    assert main(["-q", "qk", str(graph), "--node", "logit", "-m", folder, "-t", tc, "--json", "--edges", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    side = json.loads(qk_side_path(graph).read_text())
+    keys = {(e["target"], e["source"]) for e in side["edges"]}
+    assert {(e["target"], e["source"]) for e in out["edges"]} <= keys
+    target = out["edges"][0]["target"]
+    with TestClient(make_app(graph.parent, token="t"), base_url="http://127.0.0.1:8765") as c:
+        r = c.get(f"/api/graphs/{graph.stem}/qk/{target}")
+        assert r.status_code == 200
+        got = r.json()["edges"]
+        assert got and all(target in (e["target"], e["source"]) for e in got)
+        assert c.get(f"/api/graphs/{graph.stem}/qk/none_9_9").json()["edges"] == []
+        assert c.get("/api/graphs/nope/qk/x").status_code in (400, 404)

@@ -23,6 +23,7 @@ head read the information from: the (head, p_t, j) whose QK attribution explains
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,3 +302,16 @@ def qk_side_path(graph_path) -> Path:
     """Where QK results of a graph file live: next to it, GRAPH.qk.json (the graph format is unchanged)."""
     p = Path(graph_path)
     return p.with_name(p.name.removesuffix(".safetensors") + ".qk.json")
+
+
+def save_qk(graph_path, data: dict) -> Path:
+    """Merge `explain_edges` output into the graph's side file (an edge explained again replaces its entry)."""
+    path = qk_side_path(graph_path)
+    old = json.loads(path.read_text()) if path.is_file() else {"edges": []}
+    new_keys = {(e["target"], e["source"]) for e in data["edges"]}
+    merged = dict(data, edges=[e for e in old.get("edges", []) if (e["target"], e["source"]) not in new_keys]
+                  + data["edges"])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(merged, ensure_ascii=False))
+    tmp.replace(path)
+    return path

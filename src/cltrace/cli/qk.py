@@ -23,12 +23,14 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--transcoders", "-t", required=True, help="the transcoders the graph was built with")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--out", "-o", default=None, help="also write the JSON here")
+    p.add_argument("--no-save", action="store_true",
+                   help="do not merge the explained edges into GRAPH.qk.json (the file the viewer shows)")
     p.set_defaults(run=run)
 
 
 def run(args, ctx) -> int:
     from cltrace.attribution import Graph
-    from cltrace.attribution.heads import cross_position_edges, explain_edges
+    from cltrace.attribution.heads import cross_position_edges, explain_edges, save_qk
     from cltrace.attribution.qk import HeadQuery, qk_attributions
     from cltrace.errors import CltraceError
     from cltrace.models.registry import load_model
@@ -47,6 +49,8 @@ def run(args, ctx) -> int:
     if not edges:
         raise CltraceError(f"node {args.node} has no input edge from another position in this graph")
     out = explain_edges(rep, graph, edges, top_terms=args.top)
+    if not args.no_save:
+        save_qk(args.graph, out)
     explicit = [spec for spec in args.heads if spec != "top"]
     if explicit:
         pos = int(graph.features[int(graph.rows[row]), 1]) if int(graph.rows[row]) < graph.n_features \

@@ -16,6 +16,7 @@ Endpoints (JSON unless said; POST/PUT need the page's token, see security.py):
     POST /api/graphs/{name}/steer            a steering job;  POST /api/trace: a new-graph job
     GET  /api/jobs/{id}                      a job's stage, progress, result or error
     GET  /api/features/{layer}/{feature}/weights?kind=&direction=&top=   global weights (weights.py)
+    GET  /api/graphs/{name}/qk/{node_id}     the node's edges explained by heads and QK terms (GRAPH.qk.json)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from cltrace.attribution.export import graph_json
+from cltrace.attribution.heads import qk_side_path
 from cltrace.errors import CltraceError
 from cltrace.interventions import Intervention
 from cltrace.viewer.analysis import subgraph_nodes, subgraph_scores, suggest_supernodes
@@ -307,6 +309,21 @@ def make_app(directory, *, features=None, model: str | None = None, transcoders:
         p = request.path_params
         return JSONResponse(weights_view.answer(p["layer"], p["feature"], request.query_params))
 
+    def qk(request: Request) -> Response:
+        """The QK side file's entries whose target or source is this node ({"edges": []} without a side file)."""
+        name = request.path_params["name"]
+        path = qk_side_path(v.store.path_of(name))
+        node_id = request.path_params["node_id"]
+        if not path.is_file():
+            note = f"no {path.name}: run `cltrace trace ... --qk N` or `cltrace qk`"
+            return JSONResponse({"edges": [], "note": note})
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise HTTPException(500, f"{path.name} is not readable JSON ({e})") from None
+        edges = [e for e in data.get("edges", []) if node_id in (e.get("target"), e.get("source"))]
+        return JSONResponse({"edges": edges})
+
     def job(request: Request) -> Response:
         j = v.jobs.get(request.path_params["job_id"])
         if j is None:
@@ -330,6 +347,7 @@ def make_app(directory, *, features=None, model: str | None = None, transcoders:
         Route("/api/graphs/{name}/steer", steer_, methods=["POST"]),
         Route("/api/trace", trace, methods=["POST"]), Route("/api/jobs/{job_id}", job),
         Route("/api/features/{layer:int}/{feature:int}/weights", feature_weights),
+        Route("/api/graphs/{name}/qk/{node_id}", qk),
         Mount("/static", app=StaticFiles(directory=str(STATIC)), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, CltraceError: user_error})

@@ -4,6 +4,7 @@ import {api} from "./api.js";
 import {edgesOf} from "./graph.js";
 import {clear, el, fmt, signedColor, tok} from "./util.js";
 import {weightsSection} from "./weights.js";
+import {qkSection} from "./qk.js";
 
 export class NodePane {
   constructor(root, app) { this.root = root; this.app = app; this.seq = 0; }
@@ -23,6 +24,7 @@ export class NodePane {
     this.root.append(head);
     if (d.kind[i] === 0) this.root.append(this.labelEditor(i));
     this.root.append(this.edgeLists(i));
+    if (d.kind[i] !== 1) this.root.append(qkSection(this.app, id));  // errors carry no QK results
     const dash = el("div", {class: "dashboard", "data-testid": "dashboard"});
     this.root.append(dash);
     if (d.kind[i] !== 0) return;
