@@ -5,6 +5,7 @@ tokens the feature database measured, recomputed by brute force (a tiny Llama wi
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 
 import numpy as np
@@ -124,6 +125,9 @@ def brute(tc, a, layer, f, direction):
         era = V * (ai * (aj > 0)).mean()
         mean_i = ai[ai > 0].mean() if (ai > 0).any() else 0.0
         era_est = V * ((ai > 0) & (aj > 0)).mean() * mean_i
+        theta = float(tc.threshold[j // NF, j % NF].detach())  # a_j > θ_j: E[1(a_j > 0) a_i] ≤ E[a_i a_j] / θ_j
+        era_bound = abs(V) * min((ai * aj).mean() / theta, ai.mean())
+        era_est = np.sign(era_est) * min(abs(era_est), era_bound)  # the estimate, clipped to the bound on the truth
         out[(o // NF, o % NF)] = (V, twera, era, era_est)
     return out
 
@@ -180,6 +184,53 @@ def test_bounded_summary_bounds_every_pair(built, kind):
                         assert abs(listed[o].value) <= abs(w[col]) * (1 + 1e-4) + 1e-12
                 else:
                     assert abs(w[col]) <= gw.rest_bound * (1 + 1e-4) + 1e-12
+
+
+@pytest.mark.parametrize("kind", ["twera", "era"])
+def test_planted_statistics_give_the_formulas(built, kind, tmp_path):
+    """A database whose co-activation tables are written by hand: E[a_j] = 0.2 · 1.5, E[a_i a_j], counts and
+    summary errors drawn at random; every pair's value and bound equal the formulas written here."""
+    tc, exact, _, _ = built
+    path = tmp_path / "planted.db"
+    shutil.copy(exact, path)
+    t, j = tc.n_layers - 1, 3
+    rng = np.random.default_rng(7)
+    kept, err = {}, {}
+    with sqlite3.connect(path) as c:
+        c.execute("DELETE FROM coactivation")
+        c.execute("DELETE FROM coactivation_sources")
+        c.execute("UPDATE features SET frequency = 0.2, mean_act = 1.5 WHERE layer = ? AND feature = ?", (t, j))
+        for s in range(t):
+            for i in range(NF):
+                if rng.random() < 0.6:
+                    kept[(s, i)] = (float(rng.uniform(0.01, 0.5)), int(rng.integers(1, 60)))
+                    c.execute("INSERT INTO coactivation VALUES (?, ?, ?, ?, ?, ?)", (s, i, t, j, *kept[(s, i)]))
+                err[(s, i)] = float(rng.uniform(0, 0.05))
+                c.execute("INSERT INTO coactivation_sources VALUES (?, ?, 1.0, ?)", (s, i, err[(s, i)]))
+        stats = {(a, f): (fr, m, mx) for a, f, fr, m, mx in c.execute("SELECT layer, feature, frequency, mean_act, "
+                                                                       "max_act FROM features")}
+    with FeatureDB.open(path) as db:
+        n = db.meta["coactivation"]["tokens"]
+        gw = global_weights(tc, t, j, db, kind=kind, top=1000)
+    theta = float(tc.threshold[t, j].detach())
+    want, clipped = {}, 0
+    for (s, i), e in err.items():
+        V = direct_virtual(tc, s, i, t, j)
+        mp, cnt = kept.get((s, i), (0.0, 0))
+        freq_i, mean_i, max_i = stats[(s, i)]
+        if kind == "twera":
+            est, bound = V * mp / (0.2 * 1.5), abs(V) * min((mp + e) / (0.2 * 1.5), max_i)
+        else:
+            est, bound = V * cnt / n * mean_i, abs(V) * min((mp + e) / theta, freq_i * mean_i)
+        clipped += abs(est) > bound
+        want[(s, i)] = (float(np.sign(est)) * min(abs(est), bound), bound)
+    assert clipped > 0  # the planted numbers exercise the clipping of estimates beyond the bound
+    got = {(r.layer, r.feature): (r.value, r.bound) for r in gw.rows}
+    assert set(got) == set(kept)  # every kept pair is ranked (top = 1000)
+    for o, (value, bound) in got.items():
+        assert value == pytest.approx(want[o][0], rel=1e-4, abs=1e-12)  # V in float32
+        assert bound == pytest.approx(want[o][1], rel=1e-4, abs=1e-12)
+    assert gw.rest_bound == pytest.approx(max(b for o, (_, b) in want.items() if o not in got), rel=1e-4)
 
 
 def test_labels_and_errors(built, model, tmp_path):

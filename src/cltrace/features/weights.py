@@ -25,7 +25,7 @@ The database keeps, per kept pair, E[a_i a_j] and the count of tokens where both
 tokens, so ERA's weight is estimated as P(a_i > 0, a_j > 0) · E[a_i | a_i > 0]: exact when i's activation does
 not depend on whether j fires. Pairs the bounded summary did not keep get estimate 0 and a bound. For every pair
 `bound` bounds the true |value| (source i's summary error err_i, max_i its largest activation, θ_j j's JumpReLU
-threshold, so a_j > θ_j where it fires):
+threshold, so a_j > θ_j where it fires), and an estimate beyond it is clipped to it:
 
     TWERA: |V_ij| · min((kept E[a_i a_j] + err_i) / E[a_j], max_i)
     ERA:   |V_ij| · min((kept E[a_i a_j] + err_i) / θ_j, E[a_i])       (E[a_i] alone without thresholds)
@@ -196,6 +196,9 @@ def corrected(tc, db: FeatureDB, layer: int, feature: int, kind: str, direction:
             bound = Vd.abs() * torch.minimum(by_theta, E_i)
         else:
             bound = Vd.abs() * E_i
+    # an estimate beyond the bound on the true value is wrong by at least the excess: clip it (ERA's estimate
+    # assumes i's activation does not depend on j; TWERA's E[a_j] comes from all tokens, E[a_i a_j] maybe a sample)
+    value = value.sign() * torch.minimum(value.abs(), bound)
     return value, bound, kept, mp, cnt
 
 
