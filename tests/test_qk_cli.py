@@ -84,3 +84,17 @@ def test_side_file_and_viewer_route(traced, capsys):
         assert got and all(target in (e["target"], e["source"]) for e in got)
         assert c.get(f"/api/graphs/{graph.stem}/qk/none_9_9").json()["edges"] == []
         assert c.get("/api/graphs/nope/qk/x").status_code in (400, 404)
+
+
+def test_trace_qk(traced, tmp_path, capsys):
+    from cltrace.attribution.heads import qk_side_path
+
+    folder, tc, _ = traced
+    out = tmp_path / "t.safetensors"
+    assert main(["trace", PROMPT, "-m", folder, "-t", tc, "--out", str(out), "--qk", "3", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["qk"]["edges"] == 3 and summary["qk"]["file"] == str(qk_side_path(out))
+    side = json.loads(qk_side_path(out).read_text())
+    assert len(side["edges"]) == 3 and PROMPT in side["prompt"]
+    for e in side["edges"]:
+        assert abs(e["direct"] + e["sum_loadings"] - e["edge"]) <= 1e-5 * max(1.0, abs(e["edge"]))

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from cltrace.attribution.export import node_ids
 from cltrace.attribution.graph import Graph
+from cltrace.attribution.prune import influence, normalize_rows
 from cltrace.attribution.qk import HeadQuery, qk_attributions, skip_write
 from cltrace.errors import CltraceError
 from cltrace.models.adapter import Frozen
@@ -236,23 +237,24 @@ def head_loadings(rep: LocalReplacement, graph: Graph, edges: list[tuple[int, in
 
 
 def cross_position_edges(graph: Graph, top: int = 20, mask: Tensor | None = None) -> list[tuple[int, int]]:
-    """The `top` edges (row, column) between nodes at different positions with the largest |edge| relative to
-    their row (|A[r, c]| / Σ_c |A[r, c]|, the normalized weight pruning uses); mask [R, N] limits the choice
-    (e.g. a PruneResult's edge_mask). Error nodes are left out (their crossing is not a feature's)."""
+    """The `top` most influential edges (row, column) between nodes at different positions: ranked by pruning's
+    edge score, |A[r, c]| / Σ_c |A[r, c]| times the influence of r on the logits (plus r's logit weight).
+    mask [R, N] limits the choice (e.g. a PruneResult's edge_mask). Error nodes are left out as sources (an
+    error is not a feature: nothing to explain on its side)."""
     T = graph.n_pos
     pos = torch.full((graph.n_nodes,), -1, dtype=torch.long)
     pos[:graph.n_features] = graph.features[:, 1]
     pos[graph.token_index(0):graph.token_index(0) + T] = torch.arange(T)
     pos[graph.logit_index(0):] = T - 1
     row_pos = pos[graph.rows]
-    A = graph.edges.abs()
-    w = A / A.sum(1, keepdim=True).clamp_min(1e-10)
-    ok = (pos[None, :] >= 0) & (pos[None, :] != row_pos[:, None])
+    A = normalize_rows(graph.edges.float())
+    w = graph.logit_weights()
+    score = A * (influence(A, graph.rows, w) + w)[graph.rows, None]
+    ok = (pos[None, :] >= 0) & (pos[None, :] != row_pos[:, None]) & (graph.edges != 0)
     if mask is not None:
         ok &= mask
-    w = torch.where(ok, w, torch.zeros(()))
-    flat = w.flatten()
-    idx = flat.topk(min(top, int((flat > 0).sum()))).indices.tolist()
+    flat = torch.where(ok, score, torch.zeros(())).flatten()
+    idx = flat.topk(min(top, int(ok.sum()))).indices.tolist()
     return [divmod(i, graph.n_nodes) for i in idx]
 
 

@@ -130,3 +130,18 @@ def _print_head(r: dict, title: str) -> None:
                                                   for t in r["top_pairs"][:5]))
     print("    top query side: " + "; ".join(f"{t['component']} {t['value']:+.3f}" for t in r["top_query"][:5]))
     print("    top key side:   " + "; ".join(f"{t['component']} {t['value']:+.3f}" for t in r["top_key"][:5]))
+
+
+def trace_qk(model, tc, graph, pruned, graph_path, n_edges: int) -> dict:
+    """`cltrace trace --qk N`: explain the N most influential cross-position edges among those pruning keeps and
+    merge them into GRAPH.qk.json -> {"file", "edges", "seconds"}."""
+    import time
+
+    from cltrace.attribution.heads import cross_position_edges, explain_edges, save_qk
+    from cltrace.replacement import build_replacement
+
+    t0 = time.perf_counter()
+    edges = cross_position_edges(graph, n_edges, mask=pruned.edge_mask)
+    rep = build_replacement(model, tc, graph.input_ids.to(model.device))
+    path = save_qk(graph_path, explain_edges(rep, graph, edges))
+    return {"file": str(path), "edges": len(edges), "seconds": time.perf_counter() - t0}

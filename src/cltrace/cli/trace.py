@@ -50,6 +50,8 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--keep-pruned", action="store_true",
                    help="save only the edges the pruning at --node-threshold/--edge-threshold keeps (and that pruning)")
     p.add_argument("--png", metavar="FILE", help="also draw the pruned graph into this PNG")
+    p.add_argument("--qk", type=int, default=0, metavar="N", help="also explain the N most influential cross-position "
+                   "edges by attention head and QK terms, into GRAPH.qk.json (docs/attention.md)")
     p.set_defaults(run=run)
 
 
@@ -152,6 +154,10 @@ def trace_prompt(args, ctx, model, tc, db, prompt: str, out, load_s: float):
                       vocab_size=model.vocab_size,
                       scores={"replacement": rep_u, "completeness": comp_u, "replacement_pruned": rep_p,
                               "completeness_pruned": comp_p})
+    if args.qk:  # on the full graph: pr's masks index its edges
+        from cltrace.cli.qk import trace_qk
+
+        qk = trace_qk(model, tc, graph, pr, out, args.qk)
     t2 = time.perf_counter()
     if args.keep_pruned:
         from cltrace.attribution.prune import keep_pruned
@@ -183,6 +189,8 @@ def trace_prompt(args, ctx, model, tc, db, prompt: str, out, load_s: float):
         "file_bytes": path.stat().st_size,
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
     }
+    if args.qk:
+        summary["qk"] = qk
     return summary, graph, pr
 
 
