@@ -154,7 +154,7 @@ class RowComputer:
         """
         if self.groups is None:
             if Gs:  # else every target reads at layer 0: no feature reaches it
-                self._feature_cols_gathered(torch.stack(Gs, 1), rows, top, P)
+                self._feature_cols_gathered(Gs, rows, top, P)
             return
         for layer in range(top):
             g = Gs[layer]
@@ -173,10 +173,11 @@ class RowComputer:
             out.append((self.tc.decoder_vectors(s, uniq), inverse))
         return out
 
-    def _feature_cols_gathered(self, G: Tensor, rows: Tensor, top: int, P: int, chunk_elems: int = 2**24) -> None:
-        """Long prompts (too many (layer, position) groups): gather G at the features' positions, in chunks."""
-        feats, B = self.rep.features, G.shape[0]
-        Gt = G.permute(2, 0, 1, 3).contiguous()  # [P, B, top, D]: a feature's slice is one gather
+    def _feature_cols_gathered(self, Gs: list[Tensor], rows: Tensor, top: int, P: int, chunk_elems: int = 2**24
+                               ) -> None:
+        """Long prompts (too many (layer, position) groups): gather Gs at the features' positions, a chunk of
+        features at a time (no copy of all the gradients is made: a batch's [B, top, P, D] is large)."""
+        feats, B = self.rep.features, Gs[0].shape[0]
         for s, sl in enumerate(self.slices):
             if sl.stop == sl.start or s >= top:
                 continue
@@ -186,7 +187,9 @@ class RowComputer:
             step = max(1, chunk_elems // (B * k * self.D))
             for c in range(sl.start, stop, step):
                 e = min(c + step, stop)
-                g = Gt[feats.pos[c:e], :, s:s + k].reshape(e - c, B, k * self.D)  # [c, B, k·D]
+                pos = feats.pos[c:e]
+                g = torch.stack([Gs[s + j][:, pos].transpose(0, 1) for j in range(k)], 2)  # [c, B, k, D]
+                g = g.view(e - c, B, k * self.D)
                 w = dec[inverse[c - sl.start:e - sl.start], :k].float().reshape(e - c, k * self.D, 1)  # [c, k·D, 1]
                 rows[:, c:e] = torch.bmm(g, w)[:, :, 0].T * feats.act[c:e].float()
 
