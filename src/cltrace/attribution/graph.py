@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cltrace.attribution import graph_codec
+from cltrace.attribution.graph_codec import COMPRESSORS, decode_edges, encode_edges, pack, unpack
 from cltrace.errors import CltraceError
 
 FORMAT = "cltrace-graph"
@@ -113,10 +113,10 @@ class Graph:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if compress not in graph_codec.COMPRESSORS:
-            raise CltraceError(f"compress must be one of {', '.join(graph_codec.COMPRESSORS)}, not {compress!r}")
+        if compress not in COMPRESSORS:
+            raise CltraceError(f"compress must be one of {', '.join(COMPRESSORS)}, not {compress!r}")
         try:
-            arrays, edges_header = graph_codec.encode_edges(self.edges, edge_dtype)
+            arrays, edges_header = encode_edges(self.edges, edge_dtype)
         except ValueError as e:
             raise CltraceError(f"cannot save the graph: {e}") from None
         fields = {"input_ids": self.input_ids, "features": self.features, "activations": self.activations,
@@ -137,7 +137,7 @@ class Graph:
             arrays[name] = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
         tensors, infos = {}, {}
         for name, a in arrays.items():
-            tensors[name], infos[name] = graph_codec.pack(a, compress)
+            tensors[name], infos[name] = pack(a, compress)
             if name in torch_dtypes:
                 infos[name]["torch"] = torch_dtypes[name]
         header["arrays"] = infos
@@ -164,8 +164,8 @@ class Graph:
                 raise CltraceError(f"{path} was written by a newer cltrace (graph format version "
                                    f"{header['version']}, this one reads up to {VERSION}): upgrade cltrace")
             if "arrays" in header:  # version 2: packed arrays
-                a = {name: graph_codec.unpack(t[name], info) for name, info in header["arrays"].items()}
-                edges = graph_codec.decode_edges(a, header["edges"])
+                a = {name: unpack(t[name], info) for name, info in header["arrays"].items()}
+                edges = decode_edges(a, header["edges"])
                 t = {name: _tensor(a[name], info.get("torch")) for name, info in header["arrays"].items()
                      if not name.startswith("edges_")}
             else:
