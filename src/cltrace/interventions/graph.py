@@ -59,3 +59,26 @@ def direct_prediction(graph: Graph, changes: dict[tuple[int, int, int], float]) 
         i = index[key]
         pred += graph.edges[:, i].double() / float(graph.activations[i]) * d
     return pred
+
+
+def total_prediction(graph: Graph, changes: dict[tuple[int, int, int], float]) -> Tensor:
+    """changes {(layer, pos, feature): Δa} at graph feature nodes -> predicted Δ of every row [R], along every path.
+
+    The graph's first-order model: every feature node responds to its inputs with slope 1 (Δa_t = Δpre_t), so
+    Δa = (I − M)⁻¹ e with M[t, s] = A[t, s] / a_s over feature nodes and e the imposed changes; the changed
+    nodes are held at their imposed values (their rows of M are cut). Then Δrow = M_rows · Δa. What
+    `run_constrained(..., linear=True)` measures, for a supernode of several features as for one.
+    """
+    index = node_index(graph)
+    nf = graph.n_features
+    if not torch.equal(graph.rows[:nf].cpu(), torch.arange(nf)):
+        raise CltraceError("the graph does not store every feature's row first: total_prediction needs them")
+    per_unit = graph.edges[:, :nf].double() / graph.activations.double()  # [R, nf]
+    M = per_unit[:nf].clone()
+    e = torch.zeros(nf, dtype=torch.float64)
+    for key, d in changes.items():
+        i = index[key]
+        M[i] = 0.0  # an intervened node keeps its imposed value
+        e[i] = d
+    da = torch.linalg.solve(torch.eye(nf, dtype=torch.float64) - M, e)
+    return per_unit @ da
