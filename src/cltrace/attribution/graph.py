@@ -107,7 +107,7 @@ class Graph:
         """One .safetensors file: each array packed by `graph_codec` (edges as their nonzeros) + a JSON header.
 
         Lossless by default. edge_dtype "float16" or "bfloat16" stores the edge values in 2 bytes within the
-        bound `graph_codec` states; compress is "bz2" (default), "zlib" (faster, ~3% larger), "lzma" or "none".
+        bound `graph_codec` states; compress is "bz2" (default), "zlib" (faster, ~1% larger), "lzma" or "none".
         """
         from safetensors.torch import save_file
 
