@@ -13,7 +13,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 PROMPT ?= Fact: Michael Jordan plays the sport of
 
-.PHONY: demo test test-fast lint install models clean bench chromium
+.PHONY: demo test test-fast lint install models clean bench chromium case-studies
 
 install: $(STAMP)
 
@@ -41,11 +41,16 @@ models: $(STAMP)
 # The main job on the default model: predict, train a small CLT once (a few minutes on a laptop CPU; kept in
 # runs/demo/clt), trace the prompt's attribution graph (+ PNG + viewer JSON), then inhibit its top feature.
 DEMO := runs/demo
+DEMO_CLT := $(DEMO)/clt/transcoder.safetensors
 CLTRACE := $(VENV)/bin/cltrace
-demo: $(STAMP) models
+
+# The demo's CLT (the recipe of docs/training.md, 10 minutes), trained once and kept; `demo` and `case-studies` use it.
+$(DEMO_CLT): | $(STAMP) models
+	$(CLTRACE) train --model gemma-3-270m --kind clt --features-per-layer 512 --minutes 10 --out $(DEMO)/clt \
+	  && rm -rf $(DEMO)/clt/cache
+
+demo: $(STAMP) models $(DEMO_CLT)
 	$(CLTRACE) predict "$(PROMPT)" --top 5
-	@test -f $(DEMO)/clt/transcoder.safetensors || $(CLTRACE) train --model gemma-3-270m --kind clt \
-	  --features-per-layer 512 --minutes 10 --out $(DEMO)/clt && rm -rf $(DEMO)/clt/cache
 	$(CLTRACE) trace "$(PROMPT)" --transcoders $(DEMO)/clt --max-features 400 --out $(DEMO)/graph.safetensors \
 	  --png $(DEMO)/graph.png --export-json $(DEMO)/viewer --slug demo
 	$(CLTRACE) intervene "$(PROMPT)" --transcoders $(DEMO)/clt --graph $(DEMO)/graph.safetensors --node top \
@@ -53,6 +58,12 @@ demo: $(STAMP) models
 	@echo "graph picture: $(DEMO)/graph.png   viewer JSON: $(DEMO)/viewer/demo.json"
 	@echo "open the demo's graph in the interactive viewer (then http://127.0.0.1:8765/?graph=graph):"
 	@echo "  $(CLTRACE) serve $(DEMO) --model gemma-3-270m --transcoders $(DEMO)/clt$(if $(wildcard $(DEMO)/features.db), --features $(DEMO)/features.db,)"
+
+# The paper's case studies on the default model with the demo's CLT: pages and figures in docs/case-studies/,
+# saved subgraphs for `cltrace serve` in runs/case-studies/ (docs/case-studies/README.md). Labels and top contexts
+# come from $(DEMO)/features.db when it exists (`cltrace features build -t $(DEMO)/clt --out $(DEMO)/features.db`).
+case-studies: $(STAMP) models $(DEMO_CLT)
+	$(PY) examples/case_studies/run_all.py --transcoders $(DEMO)/clt --features $(DEMO)/features.db
 
 # The viewer's browser tests drive Debian's chromium (never a downloaded browser): install it when missing.
 chromium:
