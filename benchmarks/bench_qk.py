@@ -10,8 +10,9 @@ time: for each prompt, `attribute` (the graph, all active features), then `expla
 cross-position edges (head loadings + the QK attribution of each edge's top head, a fresh local replacement
 model included), in the same process: the ratio is QK seconds / graph seconds.
 shares: over the first N validation prompts, `--heads` (layer, head) pairs drawn at random per prompt (seed 0),
-the query at the last position and the key the head attends to most; the shares of Σ|term| by component kind
-(each term half to its query component's kind, half to its key's), averaged.
+the query at the last position and two keys: the one the head attends to most, and the most attended after BOS;
+the shares of Σ|term| by component kind (each term half to its query component's kind, half to its key's) and
+of feature × feature terms, averaged (rel_error: the largest |Σ terms − score| / |score|).
 """
 
 from __future__ import annotations
@@ -56,20 +57,33 @@ def part_time(model, tc, prompts: list[str], n_edges: int) -> list[dict]:
 
 
 def part_shares(model, tc, prompts: list[str], n_heads: int) -> dict:
+    """Per prompt, n_heads random (layer, head), query at the last position, two keys each: the one the head
+    attends to most, and the one it attends to most after BOS (the usual attention sink)."""
     rng = random.Random(0)
-    acc: dict[str, list[float]] = {}
+    acc: dict[str, dict[str, list[float]]] = {"top key": {}, "top non-BOS key": {}}
     for prompt in prompts:
         ids = model.tokenize(prompt)
         rep = build_replacement(model, tc, ids)
         T = rep.n_pos
-        pairs = rng.sample([(m, h) for m in range(model.n_layers) for h in range(model.n_heads)], n_heads)
-        asks = [HeadQuery(m, h, T - 1, int(rep.frozen.patterns[m][0, h, T - 1].argmax())) for m, h in sorted(pairs)]
-        for res in qk_attributions(rep, asks):
-            for k, v in res.shares().items():
-                acc.setdefault(k, []).append(v)
-            acc.setdefault("key_is_bos", []).append(float(res.key_pos == 0))
-        print(prompt, {k: round(sum(v) / len(v), 3) for k, v in acc.items()}, flush=True)
-    return {k: sum(v) / len(v) for k, v in acc.items()} | {"n_scores": len(acc["feature"])}
+        pairs = sorted(rng.sample([(m, h) for m in range(model.n_layers) for h in range(model.n_heads)], n_heads))
+        asks = {"top key": [], "top non-BOS key": []}
+        for m, h in pairs:
+            row = rep.frozen.patterns[m][0, h, T - 1]
+            asks["top key"].append(HeadQuery(m, h, T - 1, int(row.argmax())))
+            asks["top non-BOS key"].append(HeadQuery(m, h, T - 1, 1 + int(row[1:].argmax())))
+        for group, qs in asks.items():
+            for res in qk_attributions(rep, qs):
+                for k, v in res.shares().items():
+                    acc[group].setdefault(k, []).append(v)
+                acc[group].setdefault("key_is_bos", []).append(float(res.key_pos == 0))
+                err = abs(res.score_terms - res.score) / max(abs(res.score), 1e-9)
+                acc[group].setdefault("rel_error", []).append(err)
+        print(prompt, {g: {k: round(sum(v) / len(v), 3) for k, v in a.items()} for g, a in acc.items()}, flush=True)
+    out = {}
+    for g, a in acc.items():
+        out[g] = {k: (max(v) if k == "rel_error" else sum(v) / len(v)) for k, v in a.items()}
+        out[g]["n_scores"] = len(a["feature"])
+    return out
 
 
 def main() -> None:

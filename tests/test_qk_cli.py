@@ -42,7 +42,7 @@ def test_qk_node(traced, capsys):
             qk = h["qk"]
             assert abs(qk["score_terms"] - qk["score"]) <= 1e-4 * max(1.0, abs(qk["score"]))
             assert abs(sum(qk["by_kind"].values()) - qk["score"]) <= 1e-4 * max(1.0, abs(qk["score"]))
-            assert qk["top_pairs"] and qk["top_query"] and qk["top_key"]
+            assert qk["top_pairs"] and qk["top_query"] and qk["top_key"] and qk["top_query_features"]
     (extra,) = out["heads"]
     assert (extra["layer"], extra["head"], extra["query_pos"]) == (1, 2, g.n_pos - 1)
     # text output names the carrying head and the score

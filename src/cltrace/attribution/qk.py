@@ -381,7 +381,13 @@ class QKResult:
         qm, km = self.query_marginals(), self.key_marginals()
         qi = qm.abs().topk(min(top, qm.numel())).indices.tolist()
         ki = km.abs().topk(min(top, km.numel())).indices.tolist()
-        cols = sorted({a for a, _ in pairs} | {b for _, b in pairs} | set(qi) | set(ki))
+        nf = self.comp.n_features  # the same lists among features only: constants often dominate the above
+        qf = qm[:nf].abs().topk(min(top, nf)).indices.tolist()
+        kf = km[:nf].abs().topk(min(top, nf)).indices.tolist()
+        ff = terms[:nf, :nf].flatten()
+        fpairs = [(int(i) // nf, int(i) % nf) for i in ff.abs().topk(min(top, ff.numel())).indices] if nf else []
+        cols = sorted({a for a, _ in pairs + fpairs} | {b for _, b in pairs + fpairs} | set(qi) | set(ki)
+                      | set(qf) | set(kf))
         name = dict(zip(cols, component_labels(rep, self.comp, cols)))
         table = self.kind_table()
         return {
@@ -391,6 +397,9 @@ class QKResult:
             "top_pairs": [{"query": name[a], "key": name[b], "term": float(terms[a, b])} for a, b in pairs],
             "top_query": [{"component": name[a], "value": float(qm[a])} for a in qi],
             "top_key": [{"component": name[b], "value": float(km[b])} for b in ki],
+            "top_feature_pairs": [{"query": name[a], "key": name[b], "term": float(terms[a, b])} for a, b in fpairs],
+            "top_query_features": [{"component": name[a], "value": float(qm[a])} for a in qf],
+            "top_key_features": [{"component": name[b], "value": float(km[b])} for b in kf],
             "by_kind": {f"{KINDS[i]}x{KINDS[j]}": float(table[i, j]) for i in range(4) for j in range(4)},
             "shares": self.shares(),
         }

@@ -130,6 +130,12 @@ def _print_head(r: dict, title: str) -> None:
                                                   for t in r["top_pairs"][:5]))
     print("    top query side: " + "; ".join(f"{t['component']} {t['value']:+.3f}" for t in r["top_query"][:5]))
     print("    top key side:   " + "; ".join(f"{t['component']} {t['value']:+.3f}" for t in r["top_key"][:5]))
+    print("    features, query side: " + "; ".join(f"{t['component']} {t['value']:+.3f}"
+                                                  for t in r["top_query_features"][:5]))
+    print("    features, key side:   " + "; ".join(f"{t['component']} {t['value']:+.3f}"
+                                                  for t in r["top_key_features"][:5]))
+    print("    feature x feature terms: " + "; ".join(f"{t['query']} x {t['key']} {t['term']:+.3f}"
+                                                     for t in r["top_feature_pairs"][:5]))
 
 
 def trace_qk(model, tc, graph, pruned, graph_path, n_edges: int) -> dict:

@@ -59,6 +59,8 @@ function render(body, data, nodeId) {
       list("top (query × key) terms", q.top_pairs, t => `${sgn(t.term)}  ${t.query} × ${t.key}`);
       list("query side", q.top_query, t => `${sgn(t.value)}  ${t.component}`);
       list("key side", q.top_key, t => `${sgn(t.value)}  ${t.component}`);
+      list("features, query side", q.top_query_features || [], t => `${sgn(t.value)}  ${t.component}`);
+      list("features, key side", q.top_key_features || [], t => `${sgn(t.value)}  ${t.component}`);
     }
     body.append(div);
   }
