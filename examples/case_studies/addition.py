@@ -47,6 +47,7 @@ PARTITIONS = {
 MIN_R2 = 0.5  # below: unclassified
 NEAR = 0.9  # keys within this fraction of the best R² count as explaining it; the one with fewest groups wins
 MIN_ACTIVE = 0.005  # active on fewer prompts of the grid: "rare"
+MIN_SPREAD = 0.1  # std / mean of the activation below this: "near-constant" (on everywhere, hardly varying)
 
 
 def r2_by_partition(H: np.ndarray) -> dict[str, tuple[float, int]]:
@@ -72,6 +73,8 @@ def classify(H: np.ndarray) -> dict:
     r2 = r2_by_partition(H) if active > 0 else {}
     if active < MIN_ACTIVE:
         return {"type": "rare on the grid", "key": None, "r2": r2, "active": active}
+    if H.std() < MIN_SPREAD * H.mean():
+        return {"type": "near-constant on the grid", "key": None, "r2": r2, "active": active}
     best = max(v for v, _ in r2.values())
     if best < MIN_R2:
         return {"type": "unclassified", "key": None, "r2": r2, "active": active}
@@ -325,8 +328,9 @@ def write(study: common.Study, r: dict, traced: dict, an: common.Analysis) -> No
               "of the grid", f"- the whole answer, greedy (a random sample of {r['sample_size']} prompts): "
               f"**{r['accuracy_full_sample']:.1%}**", "",
               f"![accuracy]({NAME}/accuracy.png)", "",
-              "So the 270M model mostly cannot add two-digit numbers; the paper's model answers these. The "
-              "features below are read on the whole grid all the same (what they fire on does not need the "
+              ("So the model gets most of the grid wrong (the paper's model answers these prompts). "
+               if r["accuracy_full_sample"] < 0.5 else "So the model answers most of the grid. ")
+              + "The features below are read on the whole grid all the same (what they fire on does not need the "
               "answer to be right), and the graphs are traced on prompts whose first digit it gets right (most "
               "confident first; wrong ones only if too few are right):", ""]
     for p, v in r["traced"].items():
@@ -346,7 +350,8 @@ def write(study: common.Study, r: dict, traced: dict, an: common.Analysis) -> No
               "fewest groups names the type: a partition by an operand (a, b, a mod 10, b mod 10, a // 10, b // 10) → "
               "*add-function (operand)*; by the sum (a+b, (a+b) mod 10, (a+b) // 10) → *sum*; by both operands' "
               "last digits (a mod 10, b mod 10) → *lookup table*. Active on fewer than "
-              f"{MIN_ACTIVE:.1%} of the grid → *rare on the grid*.", "",
+              f"{MIN_ACTIVE:.1%} of the grid → *rare on the grid*; a standard deviation under {MIN_SPREAD} × the mean "
+              "activation → *near-constant on the grid* (the R² then describe small wiggles).", "",
               "| feature | influence | active on | type | best partitions (R²) |", "|---|---:|---:|---|---|"]
     for c in r["features"]:
         best = sorted(c["r2"].items(), key=lambda kv: -kv[1][0])[:3]
