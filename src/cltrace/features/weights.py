@@ -139,11 +139,14 @@ def _feature_stats(db: FeatureDB, L: int, F: int) -> dict[str, Tensor]:
     """[L, F] frequency, mean_act (when active), max_act, and the co-activation error of each source."""
     out = {k: torch.zeros(L, F, dtype=torch.float64) for k in ("frequency", "mean_act", "max_act", "error")}
     with sqlite_errors(db.path):
-        for layer, f, freq, mean, mx in db.conn.execute("SELECT layer, feature, frequency, mean_act, max_act "
-                                                        "FROM features"):
-            out["frequency"][layer, f], out["mean_act"][layer, f], out["max_act"][layer, f] = freq, mean, mx
-        for layer, f, err in db.conn.execute("SELECT layer, feature, error FROM coactivation_sources"):
-            out["error"][layer, f] = err
+        feats = db.conn.execute("SELECT layer, feature, frequency, mean_act, max_act FROM features").fetchall()
+        errs = db.conn.execute("SELECT layer, feature, error FROM coactivation_sources").fetchall()
+    for rows, names in ((feats, ("frequency", "mean_act", "max_act")), (errs, ("error",))):
+        if rows:
+            t = torch.tensor(rows, dtype=torch.float64)  # [n, 2 + len(names)]
+            at = (t[:, 0].long(), t[:, 1].long())
+            for k, name in enumerate(names):
+                out[name][at] = t[:, 2 + k]
     return out
 
 
