@@ -234,22 +234,54 @@ def write_synthetic_clt(folder: Path, L: int, D: int, F: int, planted: torch.Ten
         f"model_name: gemma-3-270m\nscan: synthetic-{F}\n")
 
 
-def part_dict(args) -> None:
-    from bench_attribution import ensure_gemma_folder
+DICT_PROMPT = "Fact: Michael Jordan plays the sport of"
 
+
+def part_dict_one(args) -> None:
+    """One measurement in a fresh process (a process keeps the memory it once held: see runtime.keep_freed_memory):
+    load --folder lazily or eagerly, attribute the fixed prompt, print a JSON line."""
     from cltrace.attribution import attribute
     from cltrace.models.registry import load_model
     from cltrace.transcoders.io import load_transcoder
 
     model = load_model("gemma-3-270m")
+    ids = model.tokenize(DICT_PROMPT)
+    with Peak() as pk:
+        t = time.perf_counter()
+        tc = load_transcoder(args.folder, lazy=args.mode == "lazy")
+        t_load = time.perf_counter() - t
+        t = time.perf_counter()
+        g = attribute(model, tc, ids)
+        sec = time.perf_counter() - t
+    read = (tc.store.encoder_bytes + tc.store.decoder_bytes) / 1e6 if tc.lazy else None
+    torch.save(g.edges, Path(args.folder) / f"edges-{args.mode}.pt")
+    print(json.dumps({"load_s": t_load, "seconds": sec, "peak_mib": pk.peak / 2**20, "read_mb": read,
+                      "active": g.meta["n_active_features"], "tokens": int(ids.numel())}))
+
+
+def one(folder: Path, mode: str) -> dict:
+    p = subprocess.run([sys.executable, __file__, "--part", "dict-one", "--folder", str(folder), "--mode", mode,
+                        "--threads", str(torch.get_num_threads())], capture_output=True, text=True)
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:160]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def part_dict(args) -> None:
+    from bench_attribution import ensure_gemma_folder
+
+    from cltrace.models.registry import load_model
+
+    model = load_model("gemma-3-270m")
     L, D = model.n_layers, model.d_model
-    ids = model.tokenize("Fact: Michael Jordan plays the sport of")
+    ids = model.tokenize(DICT_PROMPT)
+    del model
     per_feature = (L * D + L * (L + 1) // 2 * D) * 4  # encoder column + decoder row bytes
     root = Path(args.scratch)
     print(f"prompt: {ids.numel()} tokens; {args.planted} features per layer planted to fire at every position; "
-          f"bytes per feature {per_feature:,}")
-    print("| file GB | features/layer | active | load s | attribution s | peak RSS MiB (load + attribution) | "
-          "read from disk MB | eager s / peak MiB | circuit-tracer s / peak MiB |")
+          f"bytes per feature {per_feature:,}; each measurement in a fresh process")
+    print("| file GB | features/layer | active | lazy: load s | lazy: attribution s | lazy: peak RSS MiB | "
+          "lazy: read from disk MB | eager: load + attribution s / peak MiB | circuit-tracer s / peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for gb in args.sizes_gb:
         F = int(gb * 1e9 / per_feature)
@@ -263,29 +295,22 @@ def part_dict(args) -> None:
             write_synthetic_clt(folder, L, D, F, planted)
             size = sum(f.stat().st_size for f in folder.iterdir()) / 1e9
             print(f"(wrote {size:.1f} GB in {time.perf_counter() - t:.0f} s)", file=sys.stderr)
-            with Peak() as pk:
-                t = time.perf_counter()
-                tc = load_transcoder(folder, lazy=True)
-                t_load = time.perf_counter() - t
-                t = time.perf_counter()
-                g = attribute(model, tc, ids)
-                sec = time.perf_counter() - t
-            read_mb = (tc.store.encoder_bytes + tc.store.decoder_bytes) / 1e6
-            del tc
-            eager = "-"
+            lz = one(folder, "lazy")
+            if "error" in lz:
+                print(f"| {size:.1f} | {F:,} | lazy failed: {lz['error']} |")
+                continue
+            eager = "not run"
             if size < args.eager_below_gb:
-                with Peak() as pe:
-                    t = time.perf_counter()
-                    tce = load_transcoder(folder, lazy=False)
-                    ge = attribute(model, tce, ids)
-                    eager = f"{time.perf_counter() - t:.1f} (load incl.) / {pe.peak / 2**20:,.0f}"
-                    assert torch.equal(ge.edges, g.edges)
-                del tce, ge
-            c = ct_run(ensure_gemma_folder(), folder, ids, None, root / "ct", args.ct_timeout) if args.ct else None
-            ct = "-" if c is None else (f"fails: {c['error']}" if "error" in c else
-                                        f"{c['seconds']:.1f} (load {c['load_s']:.0f}) / {c['peak_mib']:,.0f}")
-            print(f"| {size:.1f} | {F:,} | {g.meta['n_active_features']:,} | {t_load:.1f} | {sec:.1f} | "
-                  f"{pk.peak / 2**20:,.0f} | {read_mb:,.0f} | {eager} | {ct} |", flush=True)
+                ea = one(folder, "eager")
+                same = torch.equal(torch.load(folder / "edges-lazy.pt"), torch.load(folder / "edges-eager.pt"))
+                eager = (f"failed: {ea['error']}" if "error" in ea else
+                         f"{ea['load_s'] + ea['seconds']:.1f} / {ea['peak_mib']:,.0f} (edges equal: {same})")
+            run_ct = args.ct and size <= args.ct_max_gb
+            c = ct_run(ensure_gemma_folder(), folder, ids, None, root / "ct", args.ct_timeout) if run_ct else None
+            ct = "not run" if c is None else (f"fails: {c['error']}" if "error" in c else
+                                              f"{c['seconds']:.1f} (load {c['load_s']:.0f}) / {c['peak_mib']:,.0f}")
+            print(f"| {size:.1f} | {F:,} | {lz['active']:,} | {lz['load_s']:.1f} | {lz['seconds']:.1f} | "
+                  f"{lz['peak_mib']:,.0f} | {lz['read_mb']:,.0f} | {eager} | {ct} |", flush=True)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
             shutil.rmtree(root / "ct", ignore_errors=True)
@@ -293,7 +318,9 @@ def part_dict(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["prompt", "curve", "dict"], required=True)
+    ap.add_argument("--part", choices=["prompt", "curve", "dict", "dict-one"], required=True)
+    ap.add_argument("--folder", help="--part dict-one: the transcoder folder")
+    ap.add_argument("--mode", choices=["lazy", "eager"], default="lazy", help="--part dict-one")
     ap.add_argument("-t", "--transcoders", default="runs/demo/clt")
     ap.add_argument("--tokens", type=int, default=88, help="--part prompt: prompt length (BOS included)")
     ap.add_argument("--tokens-list", type=int, nargs="+", default=[10, 30, 60, 120, 250, 500])
@@ -305,12 +332,15 @@ def main() -> None:
     ap.add_argument("--planted", type=int, default=10, help="--part dict: features per layer that fire")
     ap.add_argument("--eager-below-gb", type=float, default=5, help="--part dict: also load eagerly below this")
     ap.add_argument("--ct", action="store_true", help="--part dict: circuit-tracer on each size too")
+    ap.add_argument("--ct-max-gb", type=float, default=5,
+                    help="--part dict: no circuit-tracer above this size (its TransformerLens load alone peaks at "
+                         "~8 GB and it holds every encoder: on a shared machine that risks the OOM killer)")
     ap.add_argument("--scratch", default="/work/main/runs/bench-scale", help="--part dict: where the files go")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sys.stdout.reconfigure(line_buffering=True)
-    {"prompt": part_prompt, "curve": part_curve, "dict": part_dict}[args.part](args)
+    {"prompt": part_prompt, "curve": part_curve, "dict": part_dict, "dict-one": part_dict_one}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -316,7 +316,7 @@ def attribute(
     # every active feature's encoder column [nf, D] (its row's seed), read once: a lazy transcoder reads each
     # layer's encoder once here instead of once per batch
     with torch.no_grad():
-        enc = tc.encoder_vectors(feats.layer, feats.index).float()
+        enc = (feats.enc if feats.enc is not None else tc.encoder_vectors(feats.layer, feats.index)).float()
 
     def feature_seed(k: int) -> tuple[int, int, Tensor]:
         return int(feats.layer[k]), int(feats.pos[k]), enc[k]

@@ -33,12 +33,14 @@ class ActiveFeatures:
     index: Tensor  # [n] long, feature index within its layer
     act: Tensor  # [n] activation value
     pre: Tensor  # [n] pre-activation without b_enc (what attribution explains)
+    enc: Tensor | None = None  # [n, D] their encoder columns, kept when the encoder was read from disk (lazy)
 
     def __len__(self) -> int:
         return int(self.layer.numel())
 
     def select(self, keep: Tensor) -> ActiveFeatures:
-        return ActiveFeatures(self.layer[keep], self.pos[keep], self.index[keep], self.act[keep], self.pre[keep])
+        return ActiveFeatures(self.layer[keep], self.pos[keep], self.index[keep], self.act[keep], self.pre[keep],
+                              None if self.enc is None else self.enc[keep])
 
     def layer_slices(self, n_layers: int) -> list[slice]:
         """slice of the features of each source layer (they are sorted by layer)."""
@@ -90,17 +92,25 @@ class LocalReplacement:
 
 @torch.no_grad()
 def encode_features(tc: Transcoder, inputs: Tensor) -> ActiveFeatures:
-    """inputs [L, T, D] -> active features at positions ≥ 1, sorted by (layer, pos, feature)."""
-    parts = []
+    """inputs [L, T, D] -> active features at positions ≥ 1, sorted by (layer, pos, feature).
+
+    A lazy transcoder's encoder columns of the active features are kept (`enc`) while each layer's encoder is
+    in memory, so that attribution does not read the encoders from disk again for its seeds."""
+    parts, encs = [], []
     for s in range(tc.n_layers):
         x = inputs[s].to(tc.W_enc.dtype)
-        pre = tc.pre_acts(x, s)  # [T, F]
+        W = tc.encoder(s)  # [D, F]
+        pre = tc.pre_acts(x, s, W=W)  # [T, F]
         a = tc.activate(pre, s, training=False)
         a[0] = 0  # BOS: circuit-tracer's convention, its features are dropped
         pos, feat = a.nonzero(as_tuple=True)  # row-major: sorted by pos then feature
         layer = torch.full_like(pos, s)
         parts.append((layer, pos, feat, a[pos, feat], pre[pos, feat] - tc.b_enc[s, feat]))
-    return ActiveFeatures(*(torch.cat([p[i] for p in parts]) for i in range(5)))
+        if tc.lazy:
+            encs.append(W[:, feat].T)  # [n_s, D]
+    feats = ActiveFeatures(*(torch.cat([p[i] for p in parts]) for i in range(5)))
+    feats.enc = torch.cat(encs) if encs else None
+    return feats
 
 
 @torch.no_grad()

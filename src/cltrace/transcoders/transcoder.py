@@ -197,15 +197,17 @@ class Transcoder(nn.Module):
         return self.store.decoder_rows(layer, features)
 
     # ------------------------------------------------------------------ encode
-    def pre_acts(self, x: Tensor, layer: int | None = None, *, matmul_dtype: torch.dtype | None = None) -> Tensor:
+    def pre_acts(self, x: Tensor, layer: int | None = None, *, matmul_dtype: torch.dtype | None = None,
+                 W: Tensor | None = None) -> Tensor:
         """x [N, L, D] -> [N, L, F] (or, for one layer, x [N, D] -> [N, F]).
 
         matmul_dtype (one layer only; inference): multiply in this dtype and return the weights' dtype. Buys
         speed where the hardware has it: torch.bfloat16 is about 4x faster than float32 on a CPU with
         AVX512-BF16 or AMX, at about 3 significant digits (a feature near its threshold may flip).
+        W: this layer's encoder `encoder(layer)` when the caller has it already (a lazy one is read from disk).
         """
         if layer is not None:
-            W = self.encoder(layer)  # [D, F]
+            W = self.encoder(layer) if W is None else W  # [D, F]
             if matmul_dtype is not None and matmul_dtype != W.dtype:
                 return (x.to(matmul_dtype) @ W.to(matmul_dtype)).to(W.dtype) + self.b_enc[layer]
             return x @ W + self.b_enc[layer]
