@@ -24,7 +24,7 @@ from cltrace.features import FeatureStats, build_features
 from cltrace.features.build import partial_dir
 from cltrace.features.stats import SUM_LIMBS, exact_add, exact_value, normalize_limbs, occurrence_keys, splitmix64
 
-T, BATCH = 24, 4
+T, BATCH = 24, 2
 TEXT = ("Fact: Michael Jordan plays the sport of basketball. The opposite of hot is cold, and the capital of "
         "France is Paris. Numbers: 36+59=95, 12*3=36. def f(x): return x + 1. The National Digital Analytics "
         "Group (NDAG) met on Monday.")
@@ -33,11 +33,12 @@ TRACE_PROMPTS = ["Fact: Michael", "the cat", "one two three", "a b", "hot is"]
 
 
 def documents() -> list[str]:
-    """12 one-context documents; batch 1 (contexts 4-7) goes to rank 1, batches 0 and 2 to rank 0, and
-    contexts 9, 10 repeat 4, 5: ties whose earlier token is on rank 1."""
+    """12 one-context documents in 6 batches of 2: batches 0, 2, 4 go to rank 0, batches 1, 3, 5 to rank 1.
+    Context 4 (rank 0) repeats context 2 (rank 1): a tie the checkpoint merge after batch 3 decides; context
+    8 (rank 0, after that merge) repeats context 3: a tie the pass decides against merged statistics."""
     n = T - 3
     p = [TEXT[i:i + n] for i in range(0, 10 * n, n)]
-    return p[:8] + [p[8], p[4], p[5], p[9]]
+    return [p[0], p[1], p[2], p[3], p[2], p[4], p[5], p[6], p[3], p[7], p[8], p[9]]
 
 
 BUILD = dict(corpus=documents(), n_tokens=12 * T, context_len=T, batch_size=BATCH, top_k=5, window=(4, 2),
@@ -64,7 +65,7 @@ def worker_passes(rank: int, tmp: str, model_dir: str) -> dict:
     tmp = Path(tmp)
     tag = f"w{d.world}"
     model, clt = tiny_clt()
-    build_features(model, clt, out=tmp / f"{tag}.db", dist=d, checkpoint_every=1, **BUILD)
+    build_features(model, clt, out=tmp / f"{tag}.db", dist=d, checkpoint_every=4, **BUILD)  # merges: 2
     if d.world == 2:  # rank 1 asks to stop after the second batch: both ranks stop, rank 0 saves the merge
 
         def stop(batches: int) -> None:
@@ -96,11 +97,11 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("passes")
     (tmp / "prompts.txt").write_text("\n".join(TRACE_PROMPTS) + "\n")
     model_dir = str(save_tiny("llama", tmp / "tiny"))
-    two = launch(worker_passes, 2, tmp / "launch2", str(tmp), model_dir, timeout=240)
+    two = launch(worker_passes, 2, tmp / "launch2", str(tmp), model_dir, timeout=900)
     assert not partial_dir(tmp / "w2.db").exists() and (partial_dir(tmp / "resumed.db") / "state.safetensors").exists()
     progress = json.loads((partial_dir(tmp / "resumed.db") / "progress.json").read_text())
     assert progress["n_contexts"] == 2 * BATCH  # stopped after the second batch, on both ranks
-    one = launch(worker_passes, 1, tmp / "launch1", str(tmp), model_dir, timeout=240)
+    one = launch(worker_passes, 1, tmp / "launch1", str(tmp), model_dir, timeout=900)
     assert [r["rc"] for r in two + one] == [0, 0, 0]
     return tmp
 
@@ -127,10 +128,11 @@ def assert_same_database(path, ref) -> None:
 def test_features_two_processes_write_the_one_process_database(runs):
     assert_same_database(runs / "w2.db", runs / "w1.db")
     with sqlite3.connect(runs / "w1.db") as c:  # the corpus does tie across the shares, in the top-k
-        ties = c.execute("SELECT COUNT(*) FROM examples a JOIN examples b ON a.layer = b.layer AND a.feature = "
-                         "b.feature AND a.kind = 'top' AND b.kind = 'top' AND a.value = b.value AND a.context_id "
-                         "IN (4, 5) AND b.context_id = a.context_id + 5 AND a.pos = b.pos").fetchone()[0]
-    assert ties > 0
+        for earlier, later in ((2, 4), (3, 8)):
+            ties = c.execute("SELECT COUNT(*) FROM examples a JOIN examples b ON a.layer = b.layer AND a.feature = "
+                             "b.feature AND a.kind = 'top' AND b.kind = 'top' AND a.value = b.value AND a.pos = "
+                             "b.pos AND a.context_id = ? AND b.context_id = ?", (earlier, later)).fetchone()[0]
+            assert ties > 0, (earlier, later)
 
 
 def test_interrupted_two_process_build_resumes_on_one_process(runs):
