@@ -150,7 +150,9 @@ def build_features(
                         on_batch(batches)
                     except KeyboardInterrupt:
                         stop.requested = True
-                if d.any(stop.requested):  # every rank stops after the same batch
+                # every rank stops after the same batch; asked once a round of W batches (one per rank), so
+                # that the ranks' batches overlap instead of taking turns at a per-batch collective
+                if batches % d.world == 0 and d.any(stop.requested):
                     raise KeyboardInterrupt
                 if checkpoint_every and batches % checkpoint_every == 0:
                     checkpoint()
