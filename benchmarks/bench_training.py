@@ -1,6 +1,7 @@
 """Training throughput and quality on a real model (default gemma-3-270m), printed as a table.
 
     .venv/bin/python benchmarks/bench_training.py [--part throughput|quality|all] [--threads 1] [--work DIR]
+    .venv/bin/python benchmarks/bench_training.py --part curve --points SERIES:MINUTES:EVAL.json,... --plot PNG
 
 Throughput (tokens/s, and as a ratio to the model's bare forward, measured in the same run on the same
 batch shape: `forward(ids, stop_at_layer=L)` of 8 x 128 tokens):
@@ -101,13 +102,47 @@ def quality_rows(model, work: Path, tokens: int, features: int, eval_tokens: int
                 f.write(json.dumps({"kind": kind, "tokens": n, "train_s": secs, **e}) + "\n")
 
 
+def budget_curve(points: str, path: Path) -> None:
+    """Held-out quality against the time budget: `points` is "series:minutes:eval.json,..." (what `cltrace eval
+    --json` wrote for each run); one panel per metric, one line per series, the issue's 20-minute targets dashed."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list] = {}
+    for item in points.split(","):
+        name, minutes, file = item.split(":", 2)
+        series.setdefault(name, []).append((float(minutes), json.loads(Path(file).read_text())))
+    panels = (("nmse", "NMSE", 0.20), ("dead_fraction", "dead fraction", 0.05), ("top1_agreement", "top-1", 0.45),
+              ("ce_increase", "CE increase (nats)", 1.5))
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.2))
+    for ax, (key, label, target) in zip(axes, panels):
+        for name, pts in series.items():
+            pts.sort(key=lambda p: p[0])
+            ax.plot([m for m, _ in pts], [e[key] for _, e in pts], marker="o", label=name)
+        ax.axhline(target, ls="--", c="gray", lw=0.8)
+        ax.set_xlabel("budget (minutes, 2-core CPU)")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     from cltrace.data import CachedActivations, StreamingActivations, write_activation_cache
     from cltrace.models.registry import load_model
     from cltrace.training import TrainConfig
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("throughput", "quality", "all"), default="all")
+    ap.add_argument("--part", choices=("throughput", "quality", "all", "curve"), default="all")
+    ap.add_argument("--points", help="--part curve: series:minutes:eval.json,... (cltrace eval --json outputs)")
+    ap.add_argument("--plot", default="docs/training/budget_curve.png", help="--part curve: the PNG to write")
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--features", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=2048, help="tokens per training step")
@@ -118,6 +153,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args()
+    if args.part == "curve":
+        return budget_curve(args.points, Path(args.plot))
     from cltrace.runtime import keep_freed_memory
 
     keep_freed_memory()  # as the trainer does: the bare forward is measured under the same allocator
