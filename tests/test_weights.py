@@ -276,3 +276,20 @@ def test_cli_prints_the_api_rows(built, tmp_path, capsys):
     assert "not in these transcoders" in capsys.readouterr().err
     assert main(args[:4] + ["x", "-t", str(tmp_path / "tc")]) == 2
     assert "LAYER:FEATURE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["clt", "plt"])
+def test_lazy_transcoder_gives_the_same_virtual_weights(kind, tmp_path):
+    """A transcoder kept on disk (`load_transcoder(lazy=True)`) reads W_enc / W_dec through its store: the
+    virtual weights must be those of the same file loaded eagerly (the same weights; the matmuls may round
+    differently on differently aligned buffers, so to float32 rounding)."""
+    from cltrace.transcoders.io import load_transcoder, save_transcoder
+
+    torch.manual_seed(int.from_bytes(__import__("os").urandom(2), "little"))
+    save_transcoder(Transcoder(TranscoderConfig(kind=kind, n_layers=4, d_model=6, n_features=5)), tmp_path / "tc")
+    eager, lazy = load_transcoder(tmp_path / "tc", lazy=False), load_transcoder(tmp_path / "tc", lazy=True)
+    assert lazy.lazy and not eager.lazy
+    for layer in range(4):
+        for feature in (0, 4):
+            for fn in (upstream_virtual, downstream_virtual):
+                torch.testing.assert_close(fn(lazy, layer, feature), fn(eager, layer, feature), rtol=1e-5, atol=1e-7)

@@ -110,11 +110,12 @@ def write_layers(tc, source: int, target: int) -> range:
 def upstream_virtual(tc, layer: int, feature: int) -> Tensor:
     """V[s, i] from every source i of layers s < `layer` into target (layer, feature): [layer, F], float32."""
     _check_feature(tc, layer, feature)
-    enc = tc.W_enc[layer][:, feature].float()  # [D] what the target reads
+    enc = tc.encoder(layer)[:, feature].float()  # [D] what the target reads
     out = torch.zeros(layer, tc.n_features, device=enc.device)
     for s in range(layer):
+        dec = tc.decoder(s)  # [F, n_out, D] (one layer in memory at a time when lazy)
         for w in write_layers(tc, s, layer):
-            out[s] += tc.W_dec[s][:, w - s].float() @ enc  # [F, D] @ [D]
+            out[s] += dec[:, w - s].float() @ enc  # [F, D] @ [D]
     return out
 
 
@@ -123,14 +124,15 @@ def downstream_virtual(tc, layer: int, feature: int) -> Tensor:
     """V[t − layer − 1, j] from source (layer, feature) into every target j of layers t > `layer`:
     [L − layer − 1, F], float32."""
     _check_feature(tc, layer, feature)
-    dec = tc.W_dec[layer][feature].float()  # [n_out, D] its writes into layers layer .. layer + n_out − 1
+    # [n_out, D] its writes into layers layer .. layer + n_out − 1
+    dec = tc.decoder_vectors(layer, torch.tensor([feature]))[0].float()
     written = torch.zeros(tc.d_model, device=dec.device)  # Σ of the writes a target at t reads
     out = torch.zeros(tc.n_layers - layer - 1, tc.n_features, device=dec.device)
     for t in range(layer + 1, tc.n_layers):
         w = t - 1  # the newest layer a target at t sees written
         if w - layer < dec.shape[0]:
             written += dec[w - layer]
-        out[t - layer - 1] = written @ tc.W_enc[t].float()  # [D] @ [D, F]
+        out[t - layer - 1] = written @ tc.encoder(t).float()  # [D] @ [D, F]
     return out
 
 

@@ -189,6 +189,10 @@ class Transcoder(nn.Module):
             out[sel] = self.encoder(layer)[:, features[sel]].T
         return out
 
+    def decoder(self, layer: int) -> Tensor:
+        """W_dec[layer]: [F, n_out(layer), D], every feature's writes (read from disk when lazy)."""
+        return self.W_dec[layer] if self.store is None else self.store.decoder(layer)
+
     def decoder_vectors(self, layer: int, features: Tensor) -> Tensor:
         """[n] features of `layer` -> W_dec[layer][features]: [n, n_out(layer), D]; target layers are
         layer .. layer+n_out−1. Lazy: only those rows are read."""
