@@ -74,6 +74,8 @@ def test_long_prompt_rows_are_exact(long_prompt, monkeypatch):
     plus its constant give its pre-activation, and every edge from a kept feature equals a·(G·W_dec) computed
     here from a plain backward of that row."""
     model, ids, tc = long_prompt
+    groups = engine.RowComputer._build_groups
+    monkeypatch.setattr(engine.RowComputer, "_build_groups", lambda self: groups(self, max_groups=0))
     orig = engine.RowComputer._feature_cols_gathered
     monkeypatch.setattr(engine.RowComputer, "_feature_cols_gathered",
                         lambda self, Gs, rows, top, P: orig(self, Gs, rows, top, P, chunk_elems=5 * 16 * 64))
