@@ -176,3 +176,31 @@ def test_lazy_refuses_training(llama, tmp_path):
     lazy = load_transcoder(save_transcoder(_random(llama), tmp_path / "tc"), lazy=True)
     with pytest.raises(CltraceError, match="lazy=False"):
         lazy.fold_normalization(torch.ones(lazy.n_layers), torch.ones(lazy.n_layers))
+
+
+def test_lazy_feature_database_equals_eager(llama, tmp_path):
+    """The whole `build_features` (statistics, input and output effects, the database) of a transcoder kept on
+    disk writes the same tables as the same file loaded eagerly."""
+    import sqlite3
+
+    from cltrace.features import build_features
+    from cltrace.features.db import transcoder_fingerprint
+
+    folder = save_transcoder(_random(llama, "clt", n_features=32), tmp_path / "tc")
+    text = "Fact: Michael Jordan plays the sport of basketball. The capital of France is Paris. " * 4
+    build = dict(corpus=[text[i:i + 21] for i in range(0, 210, 21)], n_tokens=10 * 24, context_len=24,
+                 batch_size=4, top_k=4, window=(4, 2), n_ranges=2, per_range=2, progress=False, log=lambda m: None)
+    dumps = []
+    for lazy in (False, True):
+        tc = load_transcoder(folder, lazy=lazy)
+        assert tc.lazy == lazy
+        out = tmp_path / f"lazy{lazy}.db"
+        build_features(llama, tc, out=out, **build)
+        with sqlite3.connect(out) as c:
+            names = [r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+            dumps.append({n: c.execute(f"SELECT * FROM {n}").fetchall() for n in names if n != "meta"})
+    assert dumps[0].keys() == dumps[1].keys() and len(dumps[0]) > 2
+    fingerprints = {transcoder_fingerprint(load_transcoder(folder, lazy=lazy)) for lazy in (False, True)}
+    assert len(fingerprints) == 1  # a database built from one opens with the other
+    for name in dumps[0]:
+        assert dumps[0][name] == dumps[1][name], name

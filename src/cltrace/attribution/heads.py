@@ -108,7 +108,7 @@ def _target_seed(rep: LocalReplacement, graph: Graph, row: int) -> tuple[int, in
     L = rep.tc.n_layers
     if node < graph.n_features:
         layer, pos, f = graph.features[node].tolist()
-        return layer, pos, rep.tc.W_enc[layer][:, f].detach().float()
+        return layer, pos, rep.tc.encoder_vectors(torch.tensor([layer]), torch.tensor([f]))[0].detach().float()
     i = node - graph.logit_index(0)
     tok = int(graph.logit_tokens[i])
     if tok < 0:

@@ -105,7 +105,7 @@ def build_features(
     _, _, specials = special_tokens(model.tokenizer)
     stats = FeatureStats(tc.n_layers, tc.n_features, context_len, special_ids=specials, top_k=top_k,
                          window=window, per_bin=per_range, hist_range=hist_range, hist_bins=hist_bins, seed=seed,
-                         device=tc.W_enc.device, coactivation=coactivation, coact_tokens=coact_tokens,
+                         device=tc.b_enc.device, coactivation=coactivation, coact_tokens=coact_tokens,
                          precision=precision)
     part = partial_dir(out)
     position = Position()

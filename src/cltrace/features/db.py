@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from cltrace.errors import CltraceError
 from cltrace.features.effects import Effects
@@ -172,10 +173,18 @@ def transcoder_fingerprint(tc) -> str:
     """
     h = hashlib.sha256()
     h.update(json.dumps([tc.cfg.kind, tc.cfg.activation, tc.cfg.reads, tc.cfg.k]).encode())
+    def update(t: Tensor) -> None:
+        h.update(t.detach().to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().tobytes())
+
     for name, p in sorted(tc.named_parameters()):
-        t = p.detach().to(torch.bfloat16).contiguous()
-        h.update(f"{name}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.int16).cpu().numpy().tobytes())
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        if not tc.lazy or not name.startswith(("W_enc", "W_dec")):
+            update(p)
+        elif name == "W_enc":  # on disk: layer by layer, the same bytes as the whole [L, D, F] tensor
+            for layer in range(tc.n_layers):
+                update(tc.encoder(layer))
+        else:  # W_dec.<layer>
+            update(tc.decoder(int(name.split(".")[1])))
     return h.hexdigest()
 
 

@@ -64,7 +64,7 @@ def listable_tokens(model) -> Tensor:
 
 def decoder_write(tc, layer: int, write: str = "last") -> Tensor:
     """[F, D]: the write of each feature of `layer` that output effects use (see the module docstring)."""
-    W = tc.W_dec[layer]  # [F, n_out, D]
+    W = tc.decoder(layer)  # [F, n_out, D]
     if write == "last":
         return W[:, -1]
     if write == "sum":
@@ -112,7 +112,7 @@ def token_inputs(model, tc, layer: int, ids: Tensor) -> Tensor:
     if tc.cfg.reads == "mlp_in":
         module = model.family.norms(model.blocks[layer])["mlp_in"]
         e = model.norm(module, e, f"{layer}.mlp_in", None, Frozen())  # the scale of the embedding alone
-    return e.to(tc.W_enc.dtype)
+    return e.to(tc.b_enc.dtype)
 
 
 @torch.no_grad()
@@ -124,8 +124,8 @@ def input_effects(model, tc, *, n: int = 10, max_elements: int = 1 << 25,
     for layer in _layers(tc, progress, "input effects"):
         def pre(lo: int, hi: int, layer: int = layer) -> Tensor:  # [F, c], contiguous (the top-k runs along c)
             ids = torch.arange(lo, hi, device=model.device)
-            x = token_inputs(model, tc, layer, ids).to(tc.W_enc.device)
-            return torch.addmm(tc.b_enc[layer][:, None], tc.W_enc[layer].T, x.T).float().to(model.device)
+            x = token_inputs(model, tc, layer, ids).to(tc.b_enc.device)
+            return torch.addmm(tc.b_enc[layer][:, None], tc.encoder(layer).T, x.T).float().to(model.device)
 
         i, v = _extremes_over_vocab(pre, ok, n, tc.n_features, max_elements)
         ids_out.append(i)

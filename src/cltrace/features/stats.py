@@ -239,7 +239,7 @@ class FeatureStats:
         dropped = (~keep).reshape(-1).nonzero()[:, 0]  # rows not counted: zeroed in place (a few rows)
         picked = []
         for layer in range(self.L):
-            x = reads[layer].reshape(B * T, -1).to(tc.W_enc.dtype)  # [N, D]
+            x = reads[layer].reshape(B * T, -1).to(tc.b_enc.dtype)  # [N, D]
             pre = tc.pre_acts(x, layer, matmul_dtype=self.matmul_dtype)  # [N, F]
             a = tc.activate(pre, layer, training=False).float().to(self.device)
             a = a.index_fill_(0, dropped, 0.0).view(B, T, self.F)

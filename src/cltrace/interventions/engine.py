@@ -63,7 +63,7 @@ class Run:
 
 def encode(tc: Transcoder, x: Tensor, layer: int) -> tuple[Tensor, Tensor]:
     """Read point x [T, D] -> (pre [T, F], acts [T, F]) with inference-time activations and no BOS features."""
-    pre = tc.pre_acts(x.to(tc.W_enc.dtype), layer)  # [T, F]
+    pre = tc.pre_acts(x.to(tc.b_enc.dtype), layer)  # [T, F]
     a = tc.activate(pre, layer, training=False)
     return pre, torch.cat([torch.zeros_like(a[:1]), a[1:]])
 

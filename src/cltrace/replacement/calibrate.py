@@ -55,7 +55,7 @@ def calibrate_thresholds(tc: Transcoder, model: ModelAdapter, ids: Tensor, activ
     reads = tc.select_input(trace.resid_mid, trace.mlp_in)
     thetas = []
     for layer in range(tc.n_layers):
-        pre = tc.pre_acts(reads[layer][0, 1:].to(tc.W_enc.dtype), layer).flatten()
+        pre = tc.pre_acts(reads[layer][0, 1:].to(tc.b_enc.dtype), layer).flatten()
         k = max(1, min(active_per_layer, pre.numel() - 1))
         top = pre.topk(k + 1).values
         theta = max(float((top[k - 1] + top[k]) / 2), 1e-6)

@@ -74,7 +74,7 @@ class LocalReplacement:
         writes = torch.zeros_like(self.inputs, dtype=tc.b_dec.dtype)  # [L, T, D] decoder sums per target layer
 
         def mlp(layer: int, resid_mid: Tensor, mlp_in: Tensor) -> Tensor:
-            x = tc.select_input(resid_mid, mlp_in)[0].to(tc.W_enc.dtype)  # [T, D]
+            x = tc.select_input(resid_mid, mlp_in)[0].to(tc.b_enc.dtype)  # [T, D]
             a = tc.activate(tc.pre_acts(x, layer), layer, training=False)  # [T, F]
             a[0] = 0
             writes[tc.target_layers(layer)] += decode_active(tc, layer, a).transpose(0, 1)
@@ -98,7 +98,7 @@ def encode_features(tc: Transcoder, inputs: Tensor) -> ActiveFeatures:
     in memory, so that attribution does not read the encoders from disk again for its seeds."""
     parts, encs = [], []
     for s in range(tc.n_layers):
-        x = inputs[s].to(tc.W_enc.dtype)
+        x = inputs[s].to(tc.b_enc.dtype)
         W = tc.encoder(s)  # [D, F]
         pre = tc.pre_acts(x, s, W=W)  # [T, F]
         a = tc.activate(pre, s, training=False)
@@ -121,7 +121,7 @@ def reconstruct(tc: Transcoder, feats: ActiveFeatures, inputs: Tensor) -> Tensor
     L, T, D = inputs.shape
     writes = torch.zeros(L, T, D, dtype=tc.b_dec.dtype, device=inputs.device)
     for s, sl in enumerate(feats.layer_slices(L)):
-        a = torch.zeros(T, tc.n_features, dtype=tc.W_enc.dtype, device=inputs.device)  # [T, F]
+        a = torch.zeros(T, tc.n_features, dtype=tc.b_enc.dtype, device=inputs.device)  # [T, F]
         a[feats.pos[sl], feats.index[sl]] = feats.act[sl]
         writes[tc.target_layers(s)] += decode_active(tc, s, a).transpose(0, 1)
     out = writes + tc.b_dec[:, None, :]

@@ -45,7 +45,7 @@ class _Splice:
     def __call__(self, layer: int, x: Tensor, y: Tensor) -> Tensor:
         tc = self.tc
         B, T, D = x.shape
-        xf = x.reshape(B * T, D).to(tc.W_enc.dtype)  # [N, D]
+        xf = x.reshape(B * T, D).to(tc.b_enc.dtype)  # [N, D]
         a = tc.activate(tc.pre_acts(xf, layer), layer, training=False)  # [N, F]
         if self.pending is None:
             self.pending = xf.new_zeros(B * T, tc.n_layers, D)

@@ -49,7 +49,7 @@ def resample_dead(tc: Transcoder, opt: AdamW, stats: FeatureStats, dead: Tensor,
     of features re-initialized per layer.
     """
     L = tc.n_layers
-    dead = dead.to(tc.W_enc.device)
+    dead = dead.to(tc.b_enc.device)
     counts = dead.sum(-1).cpu()
     enc_norms = tc.W_enc.norm(dim=1)  # [L, F] column norms
     for s in range(L):
@@ -63,7 +63,7 @@ def resample_dead(tc: Transcoder, opt: AdamW, stats: FeatureStats, dead: Tensor,
         inp = x[tokens, s].float()  # [n, D]
         live = ~dead[s]
         scale = enc_norms[s][live].mean() if live.any() else enc_norms[s].mean()
-        tc.W_enc[s][:, idx] = (inp / inp.norm(dim=-1, keepdim=True).clamp_min(1e-12) * scale).T.to(tc.W_enc.dtype)
+        tc.W_enc[s][:, idx] = (inp / inp.norm(dim=-1, keepdim=True).clamp_min(1e-12) * scale).T.to(tc.b_enc.dtype)
         tc.b_enc[s, idx] = 0
         tc.W_dec[s][idx] = 0
         if tc.cfg.activation == "jumprelu" and live.any():

@@ -37,7 +37,7 @@ FEATURE_PARAMS = ("W_enc", "b_enc", "log_threshold")  # sliced on their last dim
 def shard_transcoder(tc: Transcoder, shard: int, n_shards: int) -> Transcoder:
     """Copy out the slice a rank owns from a full transcoder (tests; resharding a small model)."""
     lo, hi = shard_bounds(tc.n_features, n_shards)[shard]
-    local = Transcoder(shard_config(tc.cfg, shard, n_shards), device=tc.W_enc.device, dtype=tc.W_enc.dtype,
+    local = Transcoder(shard_config(tc.cfg, shard, n_shards), device=tc.b_enc.device, dtype=tc.b_enc.dtype,
                        init=False)
     local.W_enc.copy_(tc.W_enc[:, :, lo:hi])
     local.b_enc.copy_(tc.b_enc[:, lo:hi])

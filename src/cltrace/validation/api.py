@@ -47,10 +47,11 @@ def fingerprint(tc: Transcoder) -> str:
     """Config and weight checksums: results of other weights are never mixed into a resumed run."""
     h = hashlib.sha1(json.dumps(tc.cfg.to_dict(), sort_keys=True, default=str).encode())
     with torch.no_grad():
-        for p in (tc.W_enc, tc.b_enc, tc.b_dec, tc.log_threshold):
+        for p in (tc.b_enc, tc.b_dec, tc.log_threshold):
             h.update(repr(float(p.double().sum())).encode())
-        for s in range(tc.n_layers):
-            h.update(repr(float(tc.W_dec[s].double().sum())).encode())
+        for s in range(tc.n_layers):  # layer by layer: the same for a lazy (on-disk) transcoder
+            h.update(repr(float(tc.encoder(s).double().sum())).encode())
+            h.update(repr(float(tc.decoder(s).double().sum())).encode())
     return h.hexdigest()[:16]
 
 

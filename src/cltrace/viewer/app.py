@@ -242,7 +242,7 @@ def make_app(directory, *, features=None, model: str | None = None, transcoders:
         tc = v.host.transcoder_if_loaded()
 
         def decoder(layer: int, f: int):
-            return tc.W_dec[layer][f, 0].detach().float().cpu() if tc is not None else None
+            return tc.decoder_vectors(layer, torch.tensor([f]))[0, 0].detach().float().cpu() if tc is not None else None
 
         def contexts(layer: int, f: int):
             card = v.labels.card(layer, f) if v.labels.db is not None else None
