@@ -1,6 +1,7 @@
 """`cltrace qk` end to end on a tiny model folder and saved transcoders."""
 
 import json
+import re
 
 import pytest
 
@@ -98,3 +99,43 @@ def test_trace_qk(traced, tmp_path, capsys):
     assert len(side["edges"]) == 3 and PROMPT in side["prompt"]
     for e in side["edges"]:
         assert abs(e["direct"] + e["sum_loadings"] - e["edge"]) <= 1e-5 * max(1.0, abs(e["edge"]))
+
+
+@pytest.mark.slow
+def test_node_pane_shows_qk_results(traced, capsys):
+    """In a real browser: clicking the logit node shows its cross-position edges split by head, with the numbers
+    of the side file, and each head's (query, key) terms."""
+    from playwright.sync_api import sync_playwright
+    from viewer_setup import launch_browser
+
+    from cltrace.attribution.heads import qk_side_path
+    from cltrace.viewer import make_app
+    from cltrace.viewer.background import Background
+
+    folder, tc, graph = traced
+    assert main(["-q", "qk", str(graph), "--node", "logit", "-m", folder, "-t", tc, "--json", "--edges", "2"]) == 0
+    capsys.readouterr()
+    side = json.loads(qk_side_path(graph).read_text())
+    target = side["edges"][0]["target"]
+    want = [e for e in side["edges"] if e["target"] == target]
+    with Background(make_app(graph.parent)) as url, sync_playwright() as p:
+        browser = launch_browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + f"?graph={graph.stem}")
+        page.wait_for_function("() => window.__cltrace && window.__cltrace.ready")
+        assert target in page.evaluate("() => __cltrace.nodeIds()")
+        pos = page.evaluate("id => __cltrace.nodeScreenPos(id)", target)
+        page.mouse.click(pos["x"], pos["y"])
+        page.wait_for_function("() => document.querySelectorAll('[data-testid=qk-edge]').length > 0")
+        edges = page.get_by_test_id("qk-edge")
+        assert edges.count() == len(want)
+        for row, e in zip(edges.all(), want):
+            head = row.inner_text().splitlines()[0]  # "SOURCE → TARGET: edge +x (heads +y, direct +z)"
+            assert head.startswith(f"{e['source']} → {e['target']}: edge ")
+            shown = float(re.search(r"edge ([-+0-9.e]+)", head).group(1))
+            assert abs(shown - e["edge"]) <= 5e-4 + 1e-2 * abs(e["edge"]), (head, e["edge"])
+        assert page.get_by_test_id("qk-head").count() >= 1
+        browser.close()
+    assert not errors, errors
