@@ -173,6 +173,36 @@ def test_streaming_resume_reproduces_batches(llama, stop):
         other.load_state_dict(state)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_bf16_collection_is_close_to_fp32_and_really_bf16(family, tmp_path):
+    """precision="bf16" runs the model's matmuls under bf16 autocast: the rows stay float32, differ from the fp32
+    rows (so autocast took effect) by at most the few percent the docs claim, and the streaming source and the
+    cache carry the setting (a bf16 cache holds the bf16 rows; a bf16 stream does not resume as fp32)."""
+    model = tiny_model(family)
+    ids = torch.tensor(ContextStream(DOCS, model.tokenizer, 24, split="all", loop=False).take(4))
+    _, _, specials = special_tokens(model.tokenizer)
+    x32, y32 = harvest(model, ids, specials)
+    x16, y16 = harvest(model, ids, specials, precision="bf16")
+    assert x16.dtype == y16.dtype == torch.float32 and x16.shape == x32.shape
+    for a, b in ((x32, x16), (y32, y16)):
+        rel = ((a - b).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-6)).mean(0)  # [L] per layer
+        assert (rel > 1e-4).all() and (rel < 0.03).all(), rel
+    with pytest.raises(CltraceError, match="fp32 or bf16"):
+        harvest(model, ids, specials, precision="fp16")
+    kw = dict(context_len=24, model_batch=2, buffer_tokens=200, split="all")
+    m = write_activation_cache(model, DOCS, tmp_path, 150, progress=False, precision="bf16", **kw)
+    assert read_manifest(tmp_path)["precision"] == m["precision"] == "bf16"
+    rows16 = next(StreamingActivations(model, DOCS, precision="bf16", **kw).batches(150, seed=0, track=False))
+    rows32 = next(StreamingActivations(model, DOCS, **kw).batches(150, seed=0, track=False))
+    stored = _from_npy(np.load(tmp_path / "x-00000.npy", allow_pickle=False), "bfloat16")
+    assert torch.equal(stored, rows16[0].to(torch.bfloat16).float())  # the writer took the bf16 rows
+    assert not torch.equal(stored, rows32[0].to(torch.bfloat16).float())
+    src = StreamingActivations(model, DOCS, precision="bf16", **kw)
+    next(src.batches(50, seed=0))
+    with pytest.raises(CltraceError, match="precision"):
+        StreamingActivations(model, DOCS, **kw).load_state_dict(src.state_dict())
+
+
 def test_norm_scales(llama):
     src = StreamingActivations(llama, DOCS, context_len=32, buffer_tokens=300, split="all")
     it = src.batches(50, seed=1)

@@ -10,6 +10,8 @@ import math
 import pytest
 import yaml
 
+from cltrace.errors import CltraceError
+from cltrace.models.tiny import tiny_model
 from cltrace.training import TrainConfig
 from cltrace.training.plan import Rates, apply_plan, plan_run, replan_training
 from cltrace.training.schedule import lr_factor
@@ -165,3 +167,21 @@ def test_a_token_budget_gets_the_recipe_too_and_a_config_file_does_not(tmp_path)
     assert RECIPE["sparse_decode"] != "auto" and gpu.sparse_decode == "auto"
     assert {key: getattr(gpu, key) for key in RECIPE if key != "sparse_decode"} == {
         key: v for key, v in RECIPE.items() if key != "sparse_decode"}
+
+
+def test_the_recipe_collects_in_bf16_where_bf16_is_native(monkeypatch):
+    """collect_precision is bf16 exactly where runtime.fast_bf16 says bf16 matmuls are native (on other CPUs
+    bf16 autocast is emulated and slower than fp32), and the trainer's streaming source takes it."""
+    from cltrace.training import recipe as recipe_mod
+    from cltrace.training.trainer import open_source
+
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(recipe_mod, "fast_bf16", lambda device, native=native: native)
+        assert recipe_mod.recipe()["collect_precision"] == expected
+        assert recipe_mod.recipe("cuda:0")["collect_precision"] == expected
+    model = tiny_model("llama")
+    cfg = TrainConfig(model="tiny", tokens=64, batch_size=32, collect_precision="bf16")
+    src, _ = open_source(cfg, model=model)
+    assert src.precision == "bf16"
+    with pytest.raises(CltraceError, match="collect_precision"):
+        TrainConfig(collect_precision="fp16").validate()

@@ -39,6 +39,22 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+def fast_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether bf16 matmuls run natively on `device`: a CUDA GPU that supports bf16, or a CPU with AVX512-BF16
+    or AMX (oneDNN then runs bf16 autocast at 2-4x fp32's speed; without them bf16 is emulated and slower).
+
+    Measured on a 2-core AVX512-BF16 CPU, Gemma-3-270M's forward over 8 x 128 tokens: 922 tok/s in fp32,
+    3,070 tok/s under bf16 autocast (docs/training.md)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type != "cpu":
+        return False
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def tune_cpu_memory() -> dict[str, bool]:
     """The CPU memory settings that make training steps and long attributions fast, for this process.
 

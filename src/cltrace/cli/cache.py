@@ -17,6 +17,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--context-len", type=int, default=128, help="tokens per context (default 128)")
     p.add_argument("--storage", choices=("bfloat16", "float16"), default="bfloat16",
                    help="16-bit type the rows are stored in (the global --dtype is the model's)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="the model's matmuls: fp32, or bf16 autocast (3x faster where bf16 is native: AVX512-BF16 "
+                        "or AMX CPUs, GPUs; rows within 2.5%% of fp32's); auto (default): bf16 where native")
     p.add_argument("--keep-special", action="store_true", help="keep BOS and other special-token positions")
     p.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
     p.set_defaults(run=run)
@@ -26,13 +29,15 @@ def run(args, ctx) -> int:
     from cltrace.data import write_activation_cache
     from cltrace.errors import CltraceError
     from cltrace.models.registry import load_model
+    from cltrace.runtime import fast_bf16
 
     if args.tokens < 1 or args.context_len < 2:
         raise CltraceError("--tokens must be positive and --context-len at least 2")
     model = load_model(args.model, device=ctx.device, dtype=ctx.dtype)
+    precision = args.precision if args.precision != "auto" else "bf16" if fast_bf16(model.device) else "fp32"
     m = write_activation_cache(model, args.corpus, args.out, int(args.tokens), context_len=args.context_len,
                                dtype=args.storage, keep_special=args.keep_special, overwrite=args.overwrite,
-                               progress=not ctx.quiet)
+                               progress=not ctx.quiet, precision=precision)
     print(f"wrote {m['n_tokens']:,} rows of {m['model']} ({len(m['shards'])} shard(s), {m['seconds']} s) to "
           f"{args.out}; train from it with: cltrace train --cache {args.out} ...")
     return 0

@@ -11,6 +11,11 @@ Excluded by default (keep_special=True keeps them):
   some models, and would dominate a squared-error loss while telling nothing about the text;
 * optionally (outlier_factor), attention-sink positions whose residual-stream norm exceeds
   outlier_factor times the batch median at some layer.
+
+precision="bf16" runs the model's matmuls under bf16 autocast (the residual stream and the norms stay fp32).
+On a CPU with AVX512-BF16 that is 3.3x faster (Gemma-3-270M, 2 cores: 3,070 against 922 tok/s), and the rows
+differ from fp32's by 0.4-2.5% (relative norm of the difference, growing with depth), far below any
+transcoder's error (docs/training.md measures both), so a time budget collects 3x the tokens.
 """
 
 from __future__ import annotations
@@ -63,13 +68,24 @@ def keep_mask(ids: Tensor, special_ids: set[int] | Tensor, *, keep_special: bool
     return keep
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise CltraceError(f"unknown collection precision {precision!r}: use fp32 or bf16")
+    return precision
+
+
 @torch.no_grad()
 def harvest(model, ids: Tensor, special_ids: set[int], *, keep_special: bool = False,
-            outlier_factor: float | None = None) -> tuple[Tensor, Tensor]:
+            outlier_factor: float | None = None, precision: str = "fp32") -> tuple[Tensor, Tensor]:
     """Run contexts ids [B, T] through the model; x, y [N, L, D] float32 for the kept positions, on the
-    model's device (a GPU's rows stay on it: copying them to the host and back cost more than the step)."""
+    model's device (a GPU's rows stay on it: copying them to the host and back cost more than the step).
+    precision: "fp32", or "bf16" for the model's matmuls under bf16 autocast (see the module docstring)."""
     ids = ids.to(model.device)
-    trace = model.forward(ids, stop_at_layer=model.n_layers)
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=check_precision(precision) == "bf16"):
+        trace = model.forward(ids, stop_at_layer=model.n_layers)
     norms = None
     if outlier_factor is not None:
         norms = torch.stack([r.float().norm(dim=-1) for r in trace.resid_mid])  # [L, B, T]
@@ -105,13 +121,15 @@ class StreamingActivations(BlockSource):
     are exactly the contexts of world=1), and `batches(B)` yields B / W rows a batch. Every rank still
     reads and tokenizes the whole stream (cheap next to the model) so that the context numbering agrees.
     The state is this share's own; resuming needs the same rank and world.
+
+    precision: the model's matmuls in "fp32" or under "bf16" autocast (see the module docstring).
     """
 
     def __init__(
         self, model, corpus: CorpusLike = None, *, context_len: int = 128, buffer_tokens: int | None = None,
         model_batch: int = 8, keep_special: bool = False, outlier_factor: float | None = None,
         split: str = "train", heldout_frac: float = 0.02, loop: bool = True, text_field: str = "text",
-        buffer_mb: float = 2048.0, rank: int = 0, world: int = 1,
+        buffer_mb: float = 2048.0, rank: int = 0, world: int = 1, precision: str = "fp32",
     ):
         if context_len > model.n_ctx:
             raise CltraceError(f"context_len {context_len} exceeds the model's {model.n_ctx} positions")
@@ -122,6 +140,7 @@ class StreamingActivations(BlockSource):
         self.n_layers, self.d_model = model.n_layers, model.d_model
         self.context_len, self.model_batch = context_len, model_batch
         self.keep_special, self.outlier_factor = keep_special, outlier_factor
+        self.precision = check_precision(precision)
         self.split, self.heldout_frac, self.loop, self.text_field = split, heldout_frac, loop, text_field
         self.buffer_tokens = buffer_tokens or default_buffer_tokens(self.n_layers, self.d_model, buffer_mb)
         self.capacity = self.buffer_tokens + model_batch * context_len  # rows the buffer can ever hold
@@ -140,6 +159,8 @@ class StreamingActivations(BlockSource):
             "buffer_tokens": self.buffer_tokens, "model_batch": self.model_batch,
             "keep_special": self.keep_special, "outlier_factor": self.outlier_factor, "split": self.split,
             "heldout_frac": self.heldout_frac, **self._share_config(),
+            # absent for fp32, so states saved before the setting existed still resume
+            **({"precision": self.precision} if self.precision != "fp32" else {}),
         }
 
     # ------------------------------------------------------------------ blocks
@@ -175,7 +196,8 @@ class StreamingActivations(BlockSource):
                 if not ctxs:
                     continue  # the short last group of a non-looping corpus
                 x, y = harvest(self.model, torch.tensor(ctxs), self.special_ids,
-                               keep_special=self.keep_special, outlier_factor=self.outlier_factor)
+                               keep_special=self.keep_special, outlier_factor=self.outlier_factor,
+                               precision=self.precision)
                 self.model_tokens += len(ctxs) * self.context_len
                 bx[n:n + len(x)] = x
                 by[n:n + len(y)] = y

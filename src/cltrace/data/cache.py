@@ -70,9 +70,12 @@ def write_activation_cache(
     model_batch: int = 8, keep_special: bool = False, outlier_factor: float | None = None,
     split: str = "train", heldout_frac: float = 0.02, dtype: str = "bfloat16", shard_mb: float = 256.0,
     shard_tokens: int | None = None, buffer_tokens: int | None = None, seed: int = 0,
-    overwrite: bool = False, progress: bool = True,
+    overwrite: bool = False, progress: bool = True, precision: str = "fp32",
 ) -> dict:
     """Run `model` over `corpus` and store n_tokens (x, y) rows in `folder`; returns the manifest.
+
+    precision: the model's matmuls in "fp32" or under "bf16" autocast (`cltrace.data.activations`); the
+    manifest records it.
 
     Shards hold shard_tokens rows (default: ~shard_mb MB per x or y file). Shows a tqdm bar with
     tokens/s and ETA when progress is set.
@@ -99,7 +102,7 @@ def write_activation_cache(
         model, corpus, context_len=context_len, model_batch=model_batch,
         buffer_tokens=buffer_tokens,
         keep_special=keep_special, outlier_factor=outlier_factor, split=split, heldout_frac=heldout_frac,
-        loop=True,
+        loop=True, precision=precision,
     )
     batches = source.batches(chunk, seed=seed, track=False)
     bar = _progress(n_tokens, progress)
@@ -140,7 +143,8 @@ def write_activation_cache(
         "n_tokens": n_tokens, "dtype": dtype, "storage": "uint16 bit patterns of bfloat16" if dtype == "bfloat16"
         else "float16", "corpus": source.config()["corpus"], "split": split, "heldout_frac": heldout_frac,
         "context_len": context_len, "keep_special": keep_special, "outlier_factor": outlier_factor,
-        "seed": seed, "model_tokens": source.model_tokens, "seconds": round(time.time() - t0, 1),
+        "precision": precision, "seed": seed, "model_tokens": source.model_tokens,
+        "seconds": round(time.time() - t0, 1),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "shards": shards,
     }

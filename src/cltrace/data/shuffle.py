@@ -176,7 +176,9 @@ class BlockSource:
         saved = state.get("config") if isinstance(state, dict) else None
         if not isinstance(saved, dict):
             raise CltraceError("not an activation-source state (no 'config'): was it saved by state_dict()?")
-        diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in self.config().items() if saved.get(k) != v]
+        now = self.config()
+        diff = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in {**saved, **now}
+                if saved.get(k) != now.get(k)]
         if diff:
             raise CltraceError("cannot resume: the activation source differs from the saved one ("
                                + "; ".join(diff) + "); use the same settings")

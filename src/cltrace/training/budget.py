@@ -45,7 +45,8 @@ def run_with_budget(cfg: TrainConfig, model, minutes: float, *, passes: float = 
         cache = str(Path(cfg.out) / CACHE_DIR)
         log(f"plan: {plan.collect_tokens:,} tokens into {cache}, then {plan.passes:g} passes")
         write_activation_cache(model, cfg.corpus or None, cache, plan.collect_tokens, context_len=cfg.context_len,
-                               seed=cfg.seed, overwrite=True, progress=cfg.progress)
+                               seed=cfg.seed, overwrite=True, progress=cfg.progress,
+                               precision=cfg.collect_precision)
         plan = replan_training(plan, minutes * 60.0 - (time.monotonic() - t0))
     cfg = apply_plan(cfg, plan, cache=cache)
     log(f"plan for {minutes:g} min: {plan.train_tokens:,} training tokens ({plan.passes:g} pass(es) over "

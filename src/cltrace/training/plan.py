@@ -135,7 +135,7 @@ def measure_rates(cfg: TrainConfig, model, *, batch_size: int | None = None, mod
 
     n = model_batches * 8 * cfg.context_len
     src = StreamingActivations(model, cfg.corpus or None, context_len=cfg.context_len,
-                               buffer_tokens=8 * cfg.context_len)
+                               buffer_tokens=8 * cfg.context_len, precision=cfg.collect_precision)
     batches = src.batches(8 * cfg.context_len // 2, seed=0, track=False)
     next(batches)  # warm-up: the first model batch and the tokenizer
     t = time.perf_counter()
@@ -147,7 +147,8 @@ def measure_rates(cfg: TrainConfig, model, *, batch_size: int | None = None, mod
     batches.close()
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        write_activation_cache(model, cfg.corpus or None, tmp, n, context_len=cfg.context_len, progress=False)
+        write_activation_cache(model, cfg.corpus or None, tmp, n, context_len=cfg.context_len, progress=False,
+                               precision=cfg.collect_precision)
         cache_write = n / (time.perf_counter() - t)
     return Rates(stream=stream, cache_write=cache_write,
                  step=measure_step_rate(cfg, model.n_layers, model.d_model, batch_size or cfg.batch_size, steps))

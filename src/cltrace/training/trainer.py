@@ -441,7 +441,7 @@ def open_source(cfg: TrainConfig, *, device=None, model=None, dist=None):
     buffer = cfg.shuffle_buffer or min(default_buffer_tokens(model.n_layers, model.d_model),
                                        max(cfg.tokens, cfg.norm_tokens, 8 * cfg.batch_size))
     src = StreamingActivations(model, cfg.corpus or None, context_len=cfg.context_len, buffer_tokens=buffer,
-                               **share)
+                               precision=cfg.collect_precision, **share)
     return src, model.name
 
 
