@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import yaml
@@ -13,7 +14,7 @@ import yaml
 from cltrace.errors import CltraceError
 from cltrace.models.tiny import tiny_model
 from cltrace.training import TrainConfig
-from cltrace.training.plan import Rates, apply_plan, plan_run, replan_training
+from cltrace.training.plan import Rates, apply_plan, cache_capacity, plan_run, replan_training
 from cltrace.training.schedule import lr_factor
 
 RATES = Rates(stream=500.0, cache_write=400.0, step=3000.0)
@@ -185,3 +186,21 @@ def test_the_recipe_collects_in_bf16_where_bf16_is_native(monkeypatch):
     assert src.precision == "bf16"
     with pytest.raises(CltraceError, match="collect_precision"):
         TrainConfig(collect_precision="fp16").validate()
+
+
+def test_a_cache_the_disk_cannot_hold_is_capped_and_trained_on_longer(tmp_path):
+    """max_cache_tokens caps the sample; the collection time saved goes to training, so more passes over it,
+    and the capped plan still fills the budget (its cost computed here from the rates)."""
+    cfg = _cfg()
+    free = plan_run(cfg, 10, RATES, passes=2)
+    cap = free.collect_tokens // 3
+    capped = plan_run(cfg, 10, RATES, passes=2, max_cache_tokens=cap)
+    assert capped.cached and capped.collect_tokens == cap
+    assert capped.train_tokens > free.train_tokens and capped.passes == pytest.approx(capped.train_tokens / cap)
+    cost = cap / RATES.cache_write + capped.train_tokens / RATES.step + cfg.norm_tokens / 50_000.0 + 15.0
+    assert 0.9 * 600 - 2 * capped.batch_size / RATES.step < cost <= 0.9 * 600 + 1e-6  # fills the budget
+    assert plan_run(cfg, 10, RATES, passes=2, max_cache_tokens=10 * free.collect_tokens) == free  # a cap not reached
+    # streaming (passes = 1) writes no cache: no cap applies
+    assert plan_run(cfg, 10, RATES, passes=1, max_cache_tokens=cap) == plan_run(cfg, 10, RATES, passes=1)
+    n = cache_capacity(tmp_path / "not" / "yet", 18, 640)
+    assert n == int(0.8 * shutil.disk_usage(tmp_path).free) // (2 * 18 * 640 * 2) > 0

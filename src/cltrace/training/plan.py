@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -66,12 +68,15 @@ FIXED_OVERHEAD_S = 15.0  # saving the transcoder, the curves, a checkpoint, the 
 
 
 def plan_run(cfg: TrainConfig, minutes: float, rates: Rates, *, passes: float = 1.0, min_steps: int = 200,
-             min_batch: int = 256, safety: float = 0.9, overhead_s: float = FIXED_OVERHEAD_S) -> Plan:
+             min_batch: int = 256, safety: float = 0.9, overhead_s: float = FIXED_OVERHEAD_S,
+             max_cache_tokens: int | None = None) -> Plan:
     """The run of `cfg`'s shape that fits in `minutes` (see the module docstring).
 
     Batch: cfg.batch_size, halved (not below min_batch) until the run has at least min_steps optimizer steps:
-    on a short budget, steps are what the transcoder lacks. Raises ValueError when the budget does not cover
-    the overhead and one batch.
+    on a short budget, steps are what the transcoder lacks. max_cache_tokens (what the disk holds, see
+    `cache_capacity`): a cached sample is never larger; the time its collection no longer takes goes to
+    training, so the passes over it grow. Raises ValueError when the budget does not cover the overhead and
+    one batch.
     """
     if minutes <= 0 or passes < 1:
         raise ValueError("minutes must be positive and passes at least 1")
@@ -83,6 +88,9 @@ def plan_run(cfg: TrainConfig, minutes: float, rates: Rates, *, passes: float = 
     collect_rate = rates.stream if passes <= 1 else rates.cache_write
     per_token = 1.0 / (passes * collect_rate) + 1.0 / rates.step
     train_tokens = int(avail / per_token) if avail > 0 else 0
+    capped = passes > 1 and max_cache_tokens is not None and math.ceil(train_tokens / passes) > max_cache_tokens
+    if capped:  # the sample is as large as the disk allows; the rest of the time trains on it
+        train_tokens = int(max(0.0, avail - max_cache_tokens / collect_rate) * rates.step)
     batch = cfg.batch_size
     while batch > min_batch and train_tokens // batch < min_steps:
         batch //= 2
@@ -92,11 +100,22 @@ def plan_run(cfg: TrainConfig, minutes: float, rates: Rates, *, passes: float = 
         raise ValueError(f"{minutes} minutes do not cover the run's fixed costs ({overhead:.0f} s) and one batch of "
                          f"{batch} tokens at these rates: give more minutes")
     train_tokens = steps * batch
-    collect = train_tokens if passes <= 1 else math.ceil(train_tokens / passes)
+    collect = train_tokens if passes <= 1 else min(math.ceil(train_tokens / passes), max_cache_tokens or train_tokens)
+    if capped:
+        passes = train_tokens / collect
     seconds = {"collect": collect / collect_rate, "train": train_tokens / rates.step, "overhead": overhead}
     seconds["total"] = sum(seconds.values())
     return Plan(minutes=minutes, passes=passes, collect_tokens=collect, train_tokens=train_tokens, batch_size=batch,
                 steps=steps, rates=rates, seconds=seconds, cached=passes > 1)
+
+
+def cache_capacity(folder, n_layers: int, d_model: int, *, share: float = 0.8, bytes_per_value: int = 2) -> int:
+    """Tokens of a 16-bit activation cache (x and y, [L, D] each) that fit in `share` of the free space of the
+    disk holding `folder` (or its nearest existing parent)."""
+    where = Path(folder).absolute()
+    while not where.exists():
+        where = where.parent
+    return int(share * shutil.disk_usage(where).free) // (2 * n_layers * d_model * bytes_per_value)
 
 
 def replan_training(plan: Plan, seconds_left: float, *, safety: float = 0.9,
