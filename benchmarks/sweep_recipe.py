@@ -39,6 +39,7 @@ ROWS: dict[str, list[str]] = {
     "recipe": [],  # training/recipe.py as it is now (see lever())
     # time-budget rows (--minutes): passes over one cached sample
     "p1": ["--passes", "1"],
+    "p2": ["--passes", "2"],
     "p4": ["--passes", "4"],
     "p8": ["--passes", "8"],
     "p16": ["--passes", "16"],
@@ -70,6 +71,8 @@ ROWS: dict[str, list[str]] = {
     "F256": ["-F", "256"],
     "F1024": ["-F", "1024"],
     "F2048": ["-F", "2048"],
+    # initialization
+    "zerodec": ["--set", "init=zero_decoder"],
     # numerics
     "bf16": ["--precision", "bf16"],
     "noauxk": ["--set", "auxk=0"],  # the name of the first sweep

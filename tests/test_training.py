@@ -266,6 +266,36 @@ def test_resume_equals_uninterrupted(tmp_path, activation, k, device):
               source=InMemoryActivations(x, y), resume=True)
 
 
+def test_zero_decoder_init_changes_only_the_decoder_and_still_learns(tmp_path, device):
+    """init="zero_decoder" (sparsify's transcoder init): after initialize() the decoder is exactly 0 and
+    everything else (encoder, biases, thresholds, normalization) is bit-identical to the paper's init, so the
+    first reconstruction is b_dec for every token; trained, it fits the synthetic map."""
+    x, y = synthetic(512, device=device)
+    trainers = {}
+    for init in ("paper", "zero_decoder"):
+        torch.manual_seed(0)
+        cfg = cfg_for(tmp_path, init, activation="batchtopk", k=3, init=init, device=device)
+        trainers[init] = Trainer(cfg, InMemoryActivations(x, y))
+        trainers[init].initialize()
+    paper, zero = trainers["paper"].tc, trainers["zero_decoder"].tc
+    for (name, p), (_, q) in zip(paper.named_parameters(), zero.named_parameters()):
+        if name.startswith("W_dec"):
+            assert p.abs().sum() > 0 and torch.count_nonzero(q) == 0, name
+        else:
+            assert torch.equal(p, q), name
+    xn = x[:64] / trainers["zero_decoder"].x_scale[:, None]
+    torch.testing.assert_close(zero(xn)[1], zero.b_dec.expand(64, -1, -1))
+    # 120 steps (measured: 0.43-0.52 per layer; the paper's init 0.48-0.61; both 0.88-0.96 after 30 steps)
+    tc = train(cfg_for(tmp_path, "zero-trained", activation="batchtopk", k=3, init="zero_decoder", tokens=64 * 120,
+                       device=device), source=InMemoryActivations(x, y))
+    with torch.no_grad():
+        recon = tc(x[:256])[1]
+    nmse = ((recon - y[:256]) ** 2).sum((0, 2)) / ((y[:256] - y[:256].mean(0)) ** 2).sum((0, 2))
+    assert (nmse < 0.65).all(), nmse
+    with pytest.raises(CltraceError, match="init must be"):
+        TrainConfig(init="xavier").validate()
+
+
 def test_checkpoint_holds_no_pickle(tmp_path, device):
     x, y = synthetic(256, device=device)
     train(cfg_for(tmp_path, device=device), source=InMemoryActivations(x, y), until_step=10)

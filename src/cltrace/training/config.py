@@ -51,6 +51,8 @@ class TrainConfig:
     preact: float = 3e-6  # pre-activation penalty Σ relu(θ − pre)·‖W_dec_i‖ against dead features (0 = off)
     bandwidth: float = 0.1  # JumpReLU straight-through kernel width, in normalized units
     init_l0: int = 64  # threshold init: each feature fires on init_l0/F of the first batch's tokens
+    init: str = "paper"  # paper: encoder U(±1/√F), decoder U(±1/√(n_out·D)) (Ameisen et al.); zero_decoder: the same
+    #                      encoder, decoder 0 (sparsify's transcoder init: the reconstruction starts at b_dec, no noise)
     # ------------------------------------------------------------------ topk / batchtopk
     auxk: float = 0.0  # coefficient of the AuxK dead-feature loss (0 = off; 1/32 is customary)
     auxk_k: int = 0  # features the AuxK loss revives per token and layer (0 = 2·k)
@@ -98,6 +100,8 @@ class TrainConfig:
             bad(f"decay must be cosine, linear or constant, not {self.decay!r}")
         if self.precision not in ("fp32", "bf16"):
             bad(f"precision must be fp32 or bf16, not {self.precision!r}")
+        if self.init not in ("paper", "zero_decoder"):
+            bad(f"init must be paper or zero_decoder, not {self.init!r}")
         if self.collect_precision not in ("fp32", "bf16"):
             bad(f"collect_precision must be fp32 or bf16, not {self.collect_precision!r}")
         if self.sparse_decode not in ("auto", "always", "never"):

@@ -145,6 +145,9 @@ class Trainer:
         self.y_scale.copy_(y_scale.float())
         self.y_var.copy_(var.clamp_min(1e-6 * D).float())
         self.tc.b_dec.copy_((mean_y / y_scale[:, None]).float())  # start from the mean output: NMSE ≤ 1 at once
+        if cfg.init == "zero_decoder":  # the reconstruction starts at exactly b_dec; features begin to write once
+            for s in range(L):          # the encoder's gradient reaches them through the decoder's first steps
+                self.tc.W_dec[s].zero_()
         if cfg.activation in ("jumprelu", "batchtopk"):
             self._init_thresholds(torch.cat(first_x).to(self.device) / self.x_scale[:, None])
 
