@@ -106,11 +106,12 @@ def test_cache_then_train_from_it(tiny_folder, tmp_path, capsys):
     from cltrace.models.registry import load_model
 
     out = tmp_path / "acts"
-    argv = ["-q", "cache", "--model", tiny_folder, "--tokens", "300", "--context-len", "16", "--out", str(out)]
+    argv = ["-q", "cache", "--model", tiny_folder, "--tokens", "300", "--context-len", "16", "--out", str(out),
+            "--precision", "fp32"]
     assert main(argv) == 0
     assert "train --cache" in capsys.readouterr().out
     cache = CachedActivations(out)
-    assert cache.n_tokens == 300
+    assert cache.n_tokens == 300 and cache.manifest["precision"] == "fp32"
     # a second write into the same folder is refused unless --overwrite
     assert main(["-q", "cache", "--model", tiny_folder, "--tokens", "10", "--out", str(out)]) == 2
     assert "already holds" in capsys.readouterr().err
@@ -127,3 +128,8 @@ def test_cache_then_train_from_it(tiny_folder, tmp_path, capsys):
     assert main(["-q", "train", "--cache", str(out), "--model", tiny_folder, "-F", "32", "--tokens", "256",
                  "--batch-size", "64", "--out", str(tmp_path / "tc"), "--no-progress"]) == 0
     assert (tmp_path / "tc" / "transcoder.safetensors").exists()
+    # the default precision is bf16 exactly where bf16 matmuls are native
+    from cltrace.runtime import fast_bf16
+
+    assert main(["-q", "cache", "--model", tiny_folder, "--tokens", "50", "--out", str(tmp_path / "auto")]) == 0
+    assert CachedActivations(tmp_path / "auto").manifest["precision"] == ("bf16" if fast_bf16("cpu") else "fp32")
