@@ -61,7 +61,7 @@ def run_with_budget(cfg: TrainConfig, model, minutes: float, *, passes: float = 
         write_activation_cache(model, cfg.corpus or None, cache, plan.collect_tokens, context_len=cfg.context_len,
                                seed=cfg.seed, overwrite=True, progress=cfg.progress,
                                precision=cfg.collect_precision)
-        plan = replan_training(plan, minutes * 60.0 - (time.monotonic() - t0))
+        plan = replan_training(plan, time.monotonic() - t0)
     cfg = apply_plan(cfg, plan, cache=cache)
     log(f"plan for {minutes:g} min: {plan.train_tokens:,} training tokens ({plan.passes:g} pass(es) over "
         f"{plan.collect_tokens:,}), {plan.steps} steps of {plan.batch_size}; estimated "

@@ -13,7 +13,7 @@ The rates are measured on this machine just before the run (`measure_rates`: a f
 training steps on random rows of the planned shape), or given. `plan_run` is pure: tests check the plan's
 arithmetic on a tiny model, not the clock. The trainer then runs the planned token count, so the LR schedule
 ends where the budget does; after the cache is written the training part is planned again from the time left
-(`replan_training`), so a slow collection shortens training instead of overrunning.
+(`replan_training`), so a slow collection shortens training instead of overrunning, and a fast one lengthens it.
 """
 
 from __future__ import annotations
@@ -118,12 +118,15 @@ def cache_capacity(folder, n_layers: int, d_model: int, *, share: float = 0.8, b
     return int(share * shutil.disk_usage(where).free) // (2 * n_layers * d_model * bytes_per_value)
 
 
-def replan_training(plan: Plan, seconds_left: float, *, safety: float = 0.9,
+def replan_training(plan: Plan, seconds_used: float, *, safety: float = 0.9,
                     overhead_s: float = FIXED_OVERHEAD_S) -> Plan:
-    """After the collection: the training tokens that fit in the time left (never more than planned)."""
-    avail = safety * seconds_left - overhead_s
+    """After the collection, which took `seconds_used` since the budget's clock started (measuring included):
+    the training tokens that fit in what is left of `safety` of the budget. A slow collection leaves fewer steps
+    than planned; a fast one more (more passes over the same sample: the measured cache-writing rate is a few
+    seconds' estimate, and 20-minute runs that kept the planned steps finished 5 minutes early)."""
+    avail = safety * plan.minutes * 60.0 - seconds_used - overhead_s
     fit = int(max(0.0, avail) * plan.rates.step) // plan.batch_size
-    steps = max(1, min(plan.steps, fit))
+    steps = max(1, fit)
     seconds = {**plan.seconds, "train": steps * plan.batch_size / plan.rates.step}
     seconds["total"] = seconds["collect"] + seconds["train"] + seconds["overhead"]
     tokens = steps * plan.batch_size
