@@ -87,6 +87,7 @@ def test_replan_fills_the_time_left_after_the_collection():
                 0.5: re.steps > plan.steps}[factor] and re.cached
         assert re.train_tokens == re.steps * re.batch_size and re.collect_tokens == plan.collect_tokens
         assert re.passes == pytest.approx(re.train_tokens / plan.collect_tokens)
+        assert re.seconds["collect"] == used and re.seconds["total"] <= 0.9 * 8 * 60.0
         left = 0.9 * 8 * 60.0 - used  # what is left of the budget's safety share
         assert left - re.batch_size / RATES.step < re.train_tokens / RATES.step + 15.0 <= left
 

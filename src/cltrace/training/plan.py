@@ -127,7 +127,8 @@ def replan_training(plan: Plan, seconds_used: float, *, safety: float = 0.9,
     avail = safety * plan.minutes * 60.0 - seconds_used - overhead_s
     fit = int(max(0.0, avail) * plan.rates.step) // plan.batch_size
     steps = max(1, fit)
-    seconds = {**plan.seconds, "train": steps * plan.batch_size / plan.rates.step}
+    # the collection is now a measured time (with the measuring before it), no longer an estimate
+    seconds = {**plan.seconds, "collect": seconds_used, "train": steps * plan.batch_size / plan.rates.step}
     seconds["total"] = seconds["collect"] + seconds["train"] + seconds["overhead"]
     tokens = steps * plan.batch_size
     return dataclasses.replace(plan, steps=steps, train_tokens=tokens, seconds=seconds,
