@@ -118,13 +118,12 @@ def cache_capacity(folder, n_layers: int, d_model: int, *, share: float = 0.8, b
     return int(share * shutil.disk_usage(where).free) // (2 * n_layers * d_model * bytes_per_value)
 
 
-def replan_training(plan: Plan, seconds_used: float, *, safety: float = 0.9,
-                    overhead_s: float = FIXED_OVERHEAD_S) -> Plan:
+def replan_training(plan: Plan, seconds_used: float, *, safety: float = 0.9) -> Plan:
     """After the collection, which took `seconds_used` since the budget's clock started (measuring included):
     the training tokens that fit in what is left of `safety` of the budget. A slow collection leaves fewer steps
     than planned; a fast one more (more passes over the same sample: the measured cache-writing rate is a few
     seconds' estimate, and 20-minute runs that kept the planned steps finished 5 minutes early)."""
-    avail = safety * plan.minutes * 60.0 - seconds_used - overhead_s
+    avail = safety * plan.minutes * 60.0 - seconds_used - plan.seconds["overhead"]  # the normalization: ahead
     fit = int(max(0.0, avail) * plan.rates.step) // plan.batch_size
     steps = max(1, fit)
     # the collection is now a measured time (with the measuring before it), no longer an estimate
