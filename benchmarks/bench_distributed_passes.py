@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -54,15 +53,9 @@ def worker(args) -> None:
     shutdown(d)
 
 
-def dump(path) -> dict:
-    with sqlite3.connect(path) as c:
-        tables = [r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        out = {t: c.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
-    out["meta"] = [r for r in out["meta"] if r[0] != "built_at"]
-    return out
-
-
 def main() -> None:
+    from cltrace.features.db import database_contents
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--transcoders", default="runs/demo/clt")
@@ -89,7 +82,7 @@ def main() -> None:
             rows[name] = {**json.loads(res.stdout.strip().splitlines()[-1]), "command": time.perf_counter() - t}
             rows[name]["db"] = db
         ref = rows["1 process, 1 thread"]
-        same = dump(rows["2 processes (gloo), 1 thread each"]["db"]) == dump(ref["db"])
+        same = database_contents(rows["2 processes (gloo), 1 thread each"]["db"]) == database_contents(ref["db"])
     print(f"features build, {args.tokens} tokens, {args.transcoders}, CPU ({os.cpu_count()} cores)\n")
     print("| run | load s | pass s | pass ratio | merge + effects + write s | whole command s | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 from test_distributed import launch
-from test_features import table_dump
 
 from cltrace.features import FeatureStats, build_features
 from cltrace.features.build import partial_dir
+from cltrace.features.db import database_contents
 from cltrace.features.stats import SUM_LIMBS, exact_add, exact_value, normalize_limbs, occurrence_keys, splitmix64
 
 T, BATCH = 24, 2
@@ -113,7 +113,7 @@ COACT_TABLES = ("coactivation", "coactivation_sources")
 def assert_same_database(path, ref) -> None:
     """Every table, every example (top-k windows, quantile examples) and the meta equal; co-activation sums to
     float64 summation order (each source has fewer than M partners: the exact regime)."""
-    one, two = table_dump(ref), table_dump(path)
+    one, two = database_contents(ref), database_contents(path)
     assert set(one) == set(two)
     for name in sorted(set(one) - set(COACT_TABLES)):
         assert one[name] == two[name], name

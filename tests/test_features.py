@@ -19,6 +19,7 @@ import torch
 from cltrace.errors import CltraceError
 from cltrace.features import FeatureDB, FeatureStats, build_features
 from cltrace.features.build import partial_dir
+from cltrace.features.db import database_contents
 from cltrace.models.tiny import tiny_model
 from cltrace.replacement.calibrate import random_transcoder
 
@@ -283,14 +284,6 @@ def test_output_and_input_effects_match_a_direct_computation(model, clt, plt_, b
                 assert card.auto_label.endswith(json.dumps(card.output_top[0].token, ensure_ascii=False))
 
 
-def table_dump(path) -> dict:
-    with sqlite3.connect(path) as c:
-        tables = [r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        dump = {t: c.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
-    dump["meta"] = [row for row in dump["meta"] if row[0] != "built_at"]
-    return dump
-
-
 def test_interrupted_and_resumed_build_equals_uninterrupted(model, clt, built, tmp_path):
     """Ctrl-C (a real SIGINT) after batch 1, resume, an exception-style interrupt one batch later, resume."""
     out = tmp_path / "resumed.db"
@@ -313,7 +306,7 @@ def test_interrupted_and_resumed_build_equals_uninterrupted(model, clt, built, t
     assert signal.getsignal(signal.SIGINT) is before  # the build's handler is gone, the caller's is back
     build_features(model, clt, out=out, resume=True, **BUILD)
     assert not partial_dir(out).exists()
-    assert table_dump(out) == table_dump(built)
+    assert database_contents(out) == database_contents(built)
     with pytest.raises(CltraceError, match="no unfinished build"):
         build_features(model, clt, out=out, resume=True, **BUILD)
     other = tmp_path / "other.db"

@@ -8,10 +8,10 @@ import sqlite3
 import numpy as np
 import pytest
 import torch
-from test_features import table_dump  # the database dump an uninterrupted and a resumed build are compared by
 
 from cltrace.errors import CltraceError
 from cltrace.features import CoactStats, FeatureDB, build_features
+from cltrace.features.db import database_contents
 from cltrace.models.tiny import tiny_model
 from cltrace.replacement.calibrate import random_transcoder
 
@@ -161,7 +161,7 @@ def test_sampled_tokens_resume_and_errors(model_tc, tmp_path):
     with pytest.raises(CltraceError, match="other settings"):
         build_features(model, tc, out=out, resume=True, **{**kw, "coact_tokens": 4})
     build_features(model, tc, out=out, resume=True, **kw)
-    assert table_dump(out) == table_dump(whole)
+    assert database_contents(out) == database_contents(whole)
     plain = tmp_path / "plain.db"
     build_features(model, tc, out=plain, **BUILD)
     with pytest.raises(CltraceError, match="--coactivation"):

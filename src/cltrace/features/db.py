@@ -445,6 +445,16 @@ class FeatureDB:
                                f"model {self.meta['model']!r}")
 
 
+def database_contents(path: str | os.PathLike) -> dict[str, list[tuple]]:
+    """Every table's rows in a fixed order, less the build time: what two builds of the same features share, so
+    that a distributed or a resumed build can be compared with a one-process, uninterrupted one by `==`."""
+    with sqlite3.connect(path) as c:
+        tables = [r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        out = {t: c.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
+    out["meta"] = [row for row in out["meta"] if row[0] != "built_at"]
+    return out
+
+
 # ---------------------------------------------------------------------- writing
 def existing_labels(path: str | os.PathLike, fingerprint: str) -> list[tuple]:
     """The person-written labels of the database at `path` (none when there is no file), refusing to carry
