@@ -182,11 +182,12 @@ def test_a_token_budget_gets_the_recipe_too_and_a_config_file_does_not(tmp_path)
 def test_the_recipe_collects_in_bf16_where_bf16_is_native(monkeypatch):
     """collect_precision is bf16 exactly where runtime.fast_bf16 says bf16 matmuls are native (on other CPUs
     bf16 autocast is emulated and slower than fp32), and the trainer's streaming source takes it."""
+    from cltrace import runtime
     from cltrace.training import recipe as recipe_mod
     from cltrace.training.trainer import open_source
 
     for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(recipe_mod, "fast_bf16", lambda device, native=native: native)
+        monkeypatch.setattr(runtime, "fast_bf16", lambda device, native=native: native)
         assert recipe_mod.recipe()["collect_precision"] == expected
         assert recipe_mod.recipe("cuda:0")["collect_precision"] == expected
     model = tiny_model("llama")

@@ -55,6 +55,12 @@ def fast_bf16(device: str | torch.device = "cpu") -> bool:
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+def native_precision(device: str | torch.device = "cpu") -> str:
+    """"bf16" where bf16 matmuls are native on `device` (`fast_bf16`), else "fp32": the precision the recipe and
+    `cltrace cache --precision auto` collect activations in."""
+    return "bf16" if fast_bf16(device) else "fp32"
+
+
 def tune_cpu_memory() -> dict[str, bool]:
     """The CPU memory settings that make training steps and long attributions fast, for this process.
 

@@ -29,12 +29,12 @@ def run(args, ctx) -> int:
     from cltrace.data import write_activation_cache
     from cltrace.errors import CltraceError
     from cltrace.models.registry import load_model
-    from cltrace.runtime import fast_bf16
+    from cltrace.runtime import native_precision
 
     if args.tokens < 1 or args.context_len < 2:
         raise CltraceError("--tokens must be positive and --context-len at least 2")
     model = load_model(args.model, device=ctx.device, dtype=ctx.dtype)
-    precision = args.precision if args.precision != "auto" else "bf16" if fast_bf16(model.device) else "fp32"
+    precision = native_precision(model.device) if args.precision == "auto" else args.precision
     m = write_activation_cache(model, args.corpus, args.out, int(args.tokens), context_len=args.context_len,
                                dtype=args.storage, keep_special=args.keep_special, overwrite=args.overwrite,
                                progress=not ctx.quiet, precision=precision)

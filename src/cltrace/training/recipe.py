@@ -5,7 +5,7 @@ default number of passes over one collected sample (1 = stream fresh text once).
 
 from __future__ import annotations
 
-from cltrace.runtime import fast_bf16
+from cltrace.runtime import native_precision
 
 RECIPE: dict = {
     "activation": "batchtopk",
@@ -36,5 +36,5 @@ def recipe(device=None) -> dict:
     out = dict(RECIPE)
     if device is not None and str(device).startswith("cuda"):
         out = {k: v for k, v in out.items() if k not in GPU_LEAVES}
-    out["collect_precision"] = "bf16" if fast_bf16(device or "cpu") else "fp32"
+    out["collect_precision"] = native_precision(device or "cpu")
     return out
