@@ -296,6 +296,17 @@ def test_zero_decoder_init_changes_only_the_decoder_and_still_learns(tmp_path, d
         TrainConfig(init="xavier").validate()
 
 
+def test_every_named_choice_is_checked():
+    from cltrace.training.config import CHOICES
+
+    for name, allowed in CHOICES.items():
+        for value in allowed:
+            TrainConfig(**{name: value}).validate()
+        with pytest.raises(CltraceError, match=f"{name} must be {allowed[0]}, .*or {allowed[-1]}, not 'nope'|"
+                                               f"{name} must be {allowed[0]} or {allowed[-1]}, not 'nope'"):
+            TrainConfig(**{name: "nope"}).validate()
+
+
 def test_checkpoint_holds_no_pickle(tmp_path, device):
     x, y = synthetic(256, device=device)
     train(cfg_for(tmp_path, device=device), source=InMemoryActivations(x, y), until_step=10)

@@ -65,6 +65,11 @@ def _from_storage(a: np.ndarray, dtype: str) -> Tensor:
 
 
 # ---------------------------------------------------------------------- writing
+def token_bytes(n_layers: int, d_model: int) -> int:
+    """Bytes one token takes in a cache: its x and y rows, [n_layers, d_model] each, at 16 bits a value."""
+    return 2 * n_layers * d_model * 2
+
+
 def write_activation_cache(
     model, corpus: CorpusLike, folder: str | os.PathLike, n_tokens: int, *, context_len: int = 128,
     model_batch: int = 8, keep_special: bool = False, outlier_factor: float | None = None,
@@ -91,8 +96,7 @@ def write_activation_cache(
     for old in [*folder.glob("[xy]-*.npy"), *folder.glob("[xy]-*.tmp"), folder / "manifest.json"]:
         old.unlink(missing_ok=True)
     L, D = model.n_layers, model.d_model
-    row_bytes = L * D * 2
-    shard_tokens = shard_tokens or max(1, int(shard_mb * 2**20 // row_bytes))
+    shard_tokens = shard_tokens or max(1, int(shard_mb * 2**20 // (token_bytes(L, D) // 2)))  # x or y
     chunk = min(4096, shard_tokens, n_tokens)  # rows asked of the stream at a time (no more than needed)
     # a block holds whole chunks: a last chunk straddling into a new block runs the model over that whole block
     # (10,240 tokens in 4,096-row chunks ran it over 20,480)

@@ -16,6 +16,16 @@ from cltrace.errors import CltraceError, SettingError
 CONFIG_FILE = "train_config.yaml"
 
 
+# the fields that take one of a few names, and those names
+CHOICES: dict[str, tuple[str, ...]] = {
+    "decay": ("cosine", "linear", "constant"),
+    "precision": ("fp32", "bf16"),
+    "collect_precision": ("fp32", "bf16"),
+    "init": ("paper", "zero_decoder"),
+    "sparse_decode": ("auto", "always", "never"),
+}
+
+
 @dataclass
 class TrainConfig:
     # ------------------------------------------------------------------ what to train
@@ -96,16 +106,9 @@ class TrainConfig:
             bad("features_per_layer, tokens and batch_size must be positive")
         if self.tokens < self.batch_size:
             bad(f"tokens ({self.tokens}) must be at least batch_size ({self.batch_size})")
-        if self.decay not in ("cosine", "linear", "constant"):
-            bad(f"decay must be cosine, linear or constant, not {self.decay!r}")
-        if self.precision not in ("fp32", "bf16"):
-            bad(f"precision must be fp32 or bf16, not {self.precision!r}")
-        if self.init not in ("paper", "zero_decoder"):
-            bad(f"init must be paper or zero_decoder, not {self.init!r}")
-        if self.collect_precision not in ("fp32", "bf16"):
-            bad(f"collect_precision must be fp32 or bf16, not {self.collect_precision!r}")
-        if self.sparse_decode not in ("auto", "always", "never"):
-            bad(f"sparse_decode must be auto, always or never, not {self.sparse_decode!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                bad(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {getattr(self, name)!r}")
         if self.lr <= 0:
             bad("lr must be positive")
         if self.resample_every < 0:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from cltrace.data import StreamingActivations, write_activation_cache
+from cltrace.data.cache import token_bytes
 from cltrace.training.config import TrainConfig
 from cltrace.training.inmemory import InMemoryActivations
 from cltrace.training.trainer import Trainer
@@ -109,13 +110,13 @@ def plan_run(cfg: TrainConfig, minutes: float, rates: Rates, *, passes: float = 
                 steps=steps, rates=rates, seconds=seconds, cached=passes > 1)
 
 
-def cache_capacity(folder, n_layers: int, d_model: int, *, share: float = 0.8, bytes_per_value: int = 2) -> int:
-    """Tokens of a 16-bit activation cache (x and y, [L, D] each) that fit in `share` of the free space of the
+def cache_capacity(folder, n_layers: int, d_model: int, *, share: float = 0.8) -> int:
+    """Tokens of an activation cache (`data.cache.token_bytes` each) that fit in `share` of the free space of the
     disk holding `folder` (or its nearest existing parent)."""
     where = Path(folder).absolute()
     while not where.exists():
         where = where.parent
-    return int(share * shutil.disk_usage(where).free) // (2 * n_layers * d_model * bytes_per_value)
+    return int(share * shutil.disk_usage(where).free) // token_bytes(n_layers, d_model)
 
 
 def replan_training(plan: Plan, seconds_used: float, *, safety: float = 0.9) -> Plan:
