@@ -15,7 +15,7 @@ from cltrace.errors import CltraceError
 from cltrace.models.tiny import tiny_model
 from cltrace.training import TrainConfig
 from cltrace.training.plan import Rates, apply_plan, cache_capacity, plan_run, replan_training
-from cltrace.training.schedule import lr_factor
+from cltrace.training.schedule import lr_factor, retimed_steps
 
 RATES = Rates(stream=500.0, cache_write=400.0, step=3000.0)
 
@@ -92,7 +92,26 @@ def test_replan_fills_the_time_left_after_the_collection():
         assert left - re.batch_size / RATES.step < re.train_tokens / RATES.step + overhead <= left
 
 
-def test_a_planned_run_on_a_tiny_model_trains_what_the_plan_says(tmp_path):
+def steps_take(monkeypatch, rate: float) -> list:
+    """The trainer's clock, faked: each optimizer step takes batch_size / rate seconds (the plan's step rate, so
+    a time-budgeted run's retiming keeps the planned steps; another rate moves them). Returns the clock."""
+    import types
+
+    from cltrace.training import trainer as trainer_mod
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_mod, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    step = trainer_mod.Trainer.train_step
+
+    def timed_step(self, x, y):
+        clock[0] += self.cfg.batch_size / rate
+        return step(self, x, y)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", timed_step)
+    return clock
+
+
+def test_a_planned_run_on_a_tiny_model_trains_what_the_plan_says(tmp_path, monkeypatch):
     from cltrace.models.tiny import tiny_model
     from cltrace.training.budget import run_with_budget
     from cltrace.training.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint
@@ -105,6 +124,7 @@ def test_a_planned_run_on_a_tiny_model_trains_what_the_plan_says(tmp_path):
     measured = measure_rates(cfg, model)
     assert all(math.isfinite(r) and r > 0 for r in (measured.stream, measured.cache_write, measured.step))
     rates = Rates(stream=60.0, cache_write=50.0, step=300.0)  # slow rates: a plan of a few steps
+    steps_take(monkeypatch, rates.step)
     tc, plan = run_with_budget(cfg, model, 0.5, passes=3, rates=rates)
     assert plan.cached and plan.steps >= 2
     manifest = json.loads((tmp_path / "run" / "cache" / "manifest.json").read_text())
@@ -116,6 +136,48 @@ def test_a_planned_run_on_a_tiny_model_trains_what_the_plan_says(tmp_path):
     assert saved["extra"]["plan"]["steps"] == plan.steps
     _, meta = load_checkpoint(latest_checkpoint(checkpoint_root(tmp_path / "run")))
     assert meta["step"] == plan.steps
+    assert saved["train_seconds"] == pytest.approx(plan.seconds["train"])  # retimed twice, to the same steps
+    retimed = saved["extra"]["retimed"]  # at 5% and 50% of the steps (one point when they are the same step)
+    assert 1 <= len(retimed) <= 2 and all(r["steps"] == plan.steps for r in retimed)
+
+
+@pytest.mark.parametrize("speed", [0.5, 3.0])
+def test_a_run_that_steps_faster_or_slower_than_planned_is_retimed_to_end_on_time(tmp_path, monkeypatch, speed):
+    """Training at `speed` times the planned step rate: at 5% and 50% of the planned steps the run moves its
+    token count to end train_seconds after it began (retimed_steps, checked here by hand), finishes, saves the
+    count it trained, and its LR schedule ends where it stops."""
+    from cltrace.training.metrics import read_metrics
+    from cltrace.training.trainer import train
+
+    model = tiny_model("llama")
+    batch, planned, rate = 64, 40, 640.0
+    cfg = TrainConfig(kind="clt", features_per_layer=32, activation="batchtopk", k=4, batch_size=batch,
+                      tokens=planned * batch, train_seconds=planned * batch / rate, norm_tokens=256,
+                      context_len=32, out=str(tmp_path / "run"), progress=False, log_every=1, checkpoint_every=0)
+    steps_take(monkeypatch, rate * speed)
+    train(cfg, model=model)
+    per_step = batch / (rate * speed)
+    first = 2  # 5% of 40 steps
+    after_first = max(first + 1, math.floor(first * cfg.train_seconds / (first * per_step) + 1e-6))
+    second = 20  # 50% of the planned 40
+    expected = max(second + 1, math.floor(second * cfg.train_seconds / (second * per_step) + 1e-6))
+    expected = expected if second < after_first else after_first  # a run cut to 20 steps or fewer ends first
+    assert expected == round(planned * speed) != planned  # so the lines above can fail
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["step"] == expected and rows[-1]["tokens"] == expected * batch
+    assert (tmp_path / "run" / "transcoder.safetensors").exists()  # finalized, also when cut short
+    saved = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())
+    assert saved["tokens"] == expected * batch and saved["extra"]["retimed"][0]["step"] == first
+    assert rows[-1]["lr"] == pytest.approx(cfg.lr * lr_factor(expected - 1, expected, cfg.warmup, cfg.decay,
+                                                              cfg.min_lr))
+
+
+def test_retimed_steps():
+    assert retimed_steps(10, 5.0, 60.0) == 120  # 2 steps a second for 60 s
+    assert retimed_steps(10, 5.0, 2.0) == 11  # over budget already: one more step, never stop where it stands
+    assert retimed_steps(3, 3 * 0.1, 3 * 0.1 * 7) == 21  # a whole ratio in floating point stays whole
+    with pytest.raises(ValueError):
+        retimed_steps(0, 1.0, 10.0)
 
 
 def test_cli_minutes_plans_with_the_recipe(tmp_path, monkeypatch, capsys):
@@ -125,6 +187,7 @@ def test_cli_minutes_plans_with_the_recipe(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(budget, "measure_rates", lambda cfg, model: Rates(stream=80.0, cache_write=60.0, step=400.0))
     monkeypatch.setattr(budget, "measure_step_rate", lambda *a, **k: 400.0)
+    steps_take(monkeypatch, 400.0)
     model_dir = save_tiny("llama", tmp_path / "tiny")
     out = tmp_path / "tc"
     rc = main(["-q", "train", "--model", str(model_dir), "-F", "32", "--minutes", "0.5", "--passes", "1",

@@ -43,6 +43,8 @@ class TrainConfig:
     #                                  3.3x faster on an AVX512-BF16 CPU, rows within 2.5% of fp32's; the recipe's
     #                                  choice where bf16 is native, runtime.fast_bf16)
     tokens: int = 1_000_000  # training tokens in total
+    train_seconds: float = 0.0  # a time budget's training time (set by --minutes; 0 = none): a fresh run measures
+    #                            its own step rate at 5% and 50% of its steps and moves `tokens` to end on time
     batch_size: int = 4096  # tokens per optimizer step (large: amortizes the optimizer over many tokens)
     shuffle_buffer: int = 0  # rows held for shuffling when streaming (0 = the source's default, ~2 GB)
     norm_tokens: int = 8192  # tokens used to estimate the per-layer normalization scalars and variances

@@ -136,12 +136,14 @@ def replan_training(plan: Plan, seconds_used: float, *, safety: float = 0.9) -> 
 
 
 def apply_plan(cfg: TrainConfig, plan: Plan, *, cache: str = "") -> TrainConfig:
-    """cfg with the plan's tokens, batch size and data source; the plan is kept in extra['plan'].
+    """cfg with the plan's tokens, training seconds, batch size and data source; the plan is kept in
+    extra['plan'].
 
     Streaming runs get a shuffle buffer of norm_tokens rows, so the normalization pass computes norm_tokens
     rows, not a whole buffer; checkpoints are written by time only (checkpoint_minutes), not every 100 steps.
     """
-    changes = {"tokens": plan.train_tokens, "batch_size": plan.batch_size, "checkpoint_every": 0,
+    changes = {"tokens": plan.train_tokens, "train_seconds": plan.seconds["train"],
+               "batch_size": plan.batch_size, "checkpoint_every": 0,
                "extra": {**cfg.extra, "plan": plan.to_dict()}}
     if plan.cached:
         changes["cache"] = cache

@@ -25,3 +25,11 @@ def sparsity_factor(step: int, total: int, warmup: float) -> float:
     if n <= 0:
         return 1.0
     return min(1.0, (step + 1) / n)
+
+
+def retimed_steps(step: int, elapsed_s: float, budget_s: float) -> int:
+    """The total steps that end training `budget_s` seconds after it began, at the rate of the `step` steps
+    done in `elapsed_s` seconds; at least step + 1 (a retimed run never stops where it stands)."""
+    if step < 1 or elapsed_s <= 0:
+        raise ValueError("retiming needs at least one step done and time elapsed")
+    return max(step + 1, math.floor(step * budget_s / elapsed_s + 1e-6))  # 1e-6: a whole ratio stays whole

@@ -19,6 +19,7 @@ rows, not split again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 
@@ -49,7 +50,7 @@ from cltrace.training.losses import (
 from cltrace.training.metrics import FeatureStats, MetricsLog, plot_curves
 from cltrace.training.optim import AdamW
 from cltrace.training.resample import resample_dead, resample_generator, token_errors
-from cltrace.training.schedule import lr_factor, sparsity_factor
+from cltrace.training.schedule import lr_factor, retimed_steps, sparsity_factor
 from cltrace.training.sharding import make_transcoder, sharded_auxk_acts, sharded_forward, shared_parameters
 from cltrace.transcoders.io import save_transcoder
 from cltrace.transcoders.sharded import save_shard
@@ -57,6 +58,7 @@ from cltrace.transcoders.transcoder import Transcoder, TranscoderConfig
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+RETIME_AT = (0.05, 0.5)  # a time-budgeted run measures its step rate at these fractions of its planned steps
 # fields that may differ between a run and its resumption (they do not change the result)
 RUNTIME_FIELDS = {"device", "out", "log_every", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints",
                   "progress", "extra"}
@@ -328,9 +330,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self, *, until_step: int | None = None) -> dict:
-        """Train to the configured token count (or `until_step`, for tests); returns the last metrics."""
+        """Train to the configured token count (or `until_step`, for tests); returns the last metrics. A fresh
+        run with a time budget (cfg.train_seconds) moves that count to end on time (`_retime`)."""
         cfg, d = self.cfg, self.dist
         total = cfg.steps if until_step is None else min(until_step, cfg.steps)
+        retime_at = ([max(1, int(f * cfg.steps)) for f in RETIME_AT]
+                     if cfg.train_seconds > 0 and self.step == 0 and not d.distributed else [])
+        t_start = time.monotonic()
         batches = self.source.batches(cfg.batch_size, seed=cfg.seed)
         for _ in range(getattr(self, "_skip_batches", 0)):
             next(batches)
@@ -345,6 +351,12 @@ class Trainer:
             while self.step < total:
                 x, y = next(batches)
                 m = self.train_step(x, y)
+                if retime_at and retime_at[0] <= self.step < total:  # (a run at its last step just ends)
+                    retime_at.pop(0)
+                    cfg = self._retime(time.monotonic() - t_start)
+                    total = cfg.steps if until_step is None else min(until_step, cfg.steps)
+                    if bar is not None:
+                        bar.total = total * cfg.batch_size
                 tokens = self.step * cfg.batch_size
                 if bar is not None:
                     bar.update(cfg.batch_size)
@@ -369,6 +381,23 @@ class Trainer:
         if self.step >= cfg.steps:
             self.save_checkpoint()
         return last
+
+    def _retime(self, elapsed_s: float) -> TrainConfig:
+        """Move the run's token count so that training ends cfg.train_seconds after it began, at the step rate
+        measured so far. Why: the planner's rate comes from a few steps on random rows and was 14% under a real
+        run's (a 2-hour plan would have ended 20 minutes early); the LR schedule follows (at 5% of the steps the
+        cosine factor moves by under 0.001). The new count is saved in the run's config and checkpoints, so a
+        resumed run continues it (and does not retime: its clock restarted)."""
+        old = self.cfg.steps
+        steps = retimed_steps(self.step, elapsed_s, self.cfg.train_seconds)
+        record = {"step": self.step, "elapsed_s": round(elapsed_s, 1), "steps": steps}
+        self.cfg = dataclasses.replace(self.cfg, tokens=steps * self.cfg.batch_size, extra={
+            **self.cfg.extra, "retimed": [*self.cfg.extra.get("retimed", []), record]})
+        if self.dist.is_main:
+            self.cfg.save(self.out / CONFIG_FILE)
+        self.log(f"retimed at step {self.step} ({elapsed_s:.0f} s): {old} -> {steps} steps to end "
+                 f"{self.cfg.train_seconds:.0f} s after training began")
+        return self.cfg
 
     def _record(self, m: dict, tokens: int, tok_per_s: float) -> dict:
         dead = self.stats.dead(min(self.cfg.dead_tokens, max(tokens, 1)))
@@ -491,7 +520,7 @@ def _train(cfg: TrainConfig, dist, *, source, model, model_name: str, resume: bo
                 cfg.save(out / CONFIG_FILE)
             trainer.initialize()
         last = trainer.run(until_step=until_step)
-    if trainer.step < cfg.steps:
+    if trainer.step < trainer.cfg.steps:  # the trainer's: a time budget may have moved the count
         return trainer.tc
     return trainer.finalize(last)
 
