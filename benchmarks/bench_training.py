@@ -126,7 +126,7 @@ def budget_curve(points: str, path: Path) -> None:
     panels = (("nmse", "NMSE (lower is better)"), ("dead_fraction", "dead fraction (lower)"),
               ("top1_agreement", "top-1 agreement (higher)"), ("ce_increase", "CE increase, nats (lower)"))
     ticks = sorted({m for pts in series.values() for m, _ in pts} | set(TARGETS))
-    fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.8))
     for ax, (key, label) in zip(axes, panels):
         for name, pts in series.items():
             pts.sort(key=lambda p: p[0])
@@ -140,8 +140,9 @@ def budget_curve(points: str, path: Path) -> None:
         ax.set_xlabel("budget (minutes, 2-core CPU)")
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)  # below: no point hidden
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     print(f"wrote {path}")
