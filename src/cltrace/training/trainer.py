@@ -385,9 +385,9 @@ class Trainer:
     def _retime(self, elapsed_s: float) -> TrainConfig:
         """Move the run's token count so that training ends cfg.train_seconds after it began, at the step rate
         measured so far. Why: the planner's rate comes from a few steps on random rows and was 14% under a real
-        run's (a 2-hour plan would have ended 20 minutes early); the LR schedule follows (at 5% of the steps the
-        cosine factor moves by under 0.001). The new count is saved in the run's config and checkpoints, so a
-        resumed run continues it (and does not retime: its clock restarted)."""
+        run's (a 2-hour run ended 12 minutes before its plan, after 1 h 35 min). The LR schedule follows (at 5%
+        of the steps the cosine factor moves by under 0.001). The new count is saved in the run's config and
+        checkpoints, so a resumed run continues it (and does not retime: its clock restarted)."""
         old = self.cfg.steps
         steps = retimed_steps(self.step, elapsed_s, self.cfg.train_seconds)
         record = {"step": self.step, "elapsed_s": round(elapsed_s, 1), "steps": steps}
