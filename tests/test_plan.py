@@ -178,6 +178,9 @@ def test_retimed_steps():
     assert retimed_steps(3, 3 * 0.1, 3 * 0.1 * 7) == 21  # a whole ratio in floating point stays whole
     with pytest.raises(ValueError):
         retimed_steps(0, 1.0, 10.0)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(CltraceError, match="train_seconds must be 0"):
+            TrainConfig(train_seconds=bad).validate()
 
 
 def test_cli_minutes_plans_with_the_recipe(tmp_path, monkeypatch, capsys):

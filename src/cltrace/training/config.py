@@ -43,8 +43,8 @@ class TrainConfig:
     #                                  3.3x faster on an AVX512-BF16 CPU, rows within 2.5% of fp32's; the recipe's
     #                                  choice where bf16 is native, runtime.fast_bf16)
     tokens: int = 1_000_000  # training tokens in total
-    train_seconds: float = 0.0  # a time budget's training time (set by --minutes; 0 = none): a fresh run measures
-    #                            its own step rate at 5% and 50% of its steps and moves `tokens` to end on time
+    train_seconds: float = 0.0  # a time budget's training time (set by --minutes; 0 = none): a fresh one-process
+    #                            run measures its step rate at 5% and 50% of its steps and moves `tokens` to end on time
     batch_size: int = 4096  # tokens per optimizer step (large: amortizes the optimizer over many tokens)
     shuffle_buffer: int = 0  # rows held for shuffling when streaming (0 = the source's default, ~2 GB)
     norm_tokens: int = 8192  # tokens used to estimate the per-layer normalization scalars and variances
@@ -113,6 +113,8 @@ class TrainConfig:
                 bad(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {getattr(self, name)!r}")
         if self.lr <= 0:
             bad("lr must be positive")
+        if not self.train_seconds >= 0:  # (NaN too)
+            bad(f"train_seconds must be 0 (no time budget) or positive, not {self.train_seconds}")
         if self.resample_every < 0:
             bad("resample_every must be 0 (off) or a number of steps")
 
