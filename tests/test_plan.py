@@ -172,6 +172,29 @@ def test_a_run_that_steps_faster_or_slower_than_planned_is_retimed_to_end_on_tim
                                                               cfg.min_lr))
 
 
+def test_an_interrupted_retimed_run_resumes_to_the_retimed_count(tmp_path, monkeypatch):
+    """A retimed run stopped after a checkpoint resumes from its saved config (what `cltrace train --resume`
+    loads) to the count it was retimed to, without retiming again; the original config is refused by name."""
+    from cltrace.training.config import CONFIG_FILE
+    from cltrace.training.metrics import read_metrics
+    from cltrace.training.trainer import train
+
+    model = tiny_model("llama")
+    cfg = TrainConfig(kind="clt", features_per_layer=32, activation="batchtopk", k=4, batch_size=64, tokens=40 * 64,
+                      train_seconds=40 * 64 / 640.0, norm_tokens=256, context_len=32, out=str(tmp_path / "run"),
+                      progress=False, log_every=1, checkpoint_every=10)
+    steps_take(monkeypatch, 3 * 640.0)  # three times the planned rate: retimed to 120 steps at step 2
+    train(cfg, model=model, until_step=30)  # "interrupted" after the checkpoint at step 30
+    saved = TrainConfig.load(tmp_path / "run" / CONFIG_FILE)
+    assert saved.steps == 120 and len(saved.extra["retimed"]) == 2  # at steps 2 and 20
+    with pytest.raises(CltraceError, match="tokens: saved 7680, now 2560"):
+        train(cfg, model=model, resume=True)
+    train(saved, model=model, resume=True)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["step"] == 120 and (tmp_path / "run" / "transcoder.safetensors").exists()
+    assert len(TrainConfig.load(tmp_path / "run" / CONFIG_FILE).extra["retimed"]) == 2  # not retimed again
+
+
 def test_retimed_steps():
     assert retimed_steps(10, 5.0, 60.0) == 120  # 2 steps a second for 60 s
     assert retimed_steps(10, 5.0, 2.0) == 11  # over budget already: one more step, never stop where it stands

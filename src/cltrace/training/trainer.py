@@ -391,7 +391,10 @@ class Trainer:
         old = self.cfg.steps
         steps = retimed_steps(self.step, elapsed_s, self.cfg.train_seconds)
         record = {"step": self.step, "elapsed_s": round(elapsed_s, 1), "steps": steps}
-        self.cfg = dataclasses.replace(self.cfg, tokens=steps * self.cfg.batch_size, extra={
+        # the buffer the stream was opened with is pinned: a default one follows `tokens`, and a resumed run must
+        # open the same stream (a cached source ignores it)
+        buffer = stream_buffer_tokens(self.cfg, self.source.n_layers, self.source.d_model)
+        self.cfg = dataclasses.replace(self.cfg, tokens=steps * self.cfg.batch_size, shuffle_buffer=buffer, extra={
             **self.cfg.extra, "retimed": [*self.cfg.extra.get("retimed", []), record]})
         if self.dist.is_main:
             self.cfg.save(self.out / CONFIG_FILE)
@@ -453,6 +456,13 @@ def _progress(cfg: TrainConfig, d, step: int, total: int):
 
 
 # ---------------------------------------------------------------------- the entry point
+def stream_buffer_tokens(cfg: TrainConfig, n_layers: int, d_model: int) -> int:
+    """Rows of the shuffle buffer when streaming: cfg.shuffle_buffer, else what the run needs (a short run needs
+    no 2 GB buffer: filling it would cost more model passes than the run itself)."""
+    return cfg.shuffle_buffer or min(default_buffer_tokens(n_layers, d_model),
+                                     max(cfg.tokens, cfg.norm_tokens, 8 * cfg.batch_size))
+
+
 def open_source(cfg: TrainConfig, *, device=None, model=None, dist=None):
     """(activation source, model name) for a config: an activation cache or activations streamed from the model.
 
@@ -469,9 +479,7 @@ def open_source(cfg: TrainConfig, *, device=None, model=None, dist=None):
         return src, src.manifest["model"]
     if model is None:
         model = load_model(cfg.model or DEFAULT_MODEL, device=device or "cpu")
-    # a short run needs no 2 GB buffer: filling it would cost more model passes than the run itself
-    buffer = cfg.shuffle_buffer or min(default_buffer_tokens(model.n_layers, model.d_model),
-                                       max(cfg.tokens, cfg.norm_tokens, 8 * cfg.batch_size))
+    buffer = stream_buffer_tokens(cfg, model.n_layers, model.d_model)
     src = StreamingActivations(model, cfg.corpus or None, context_len=cfg.context_len, buffer_tokens=buffer,
                                precision=cfg.collect_precision, **share)
     return src, model.name
